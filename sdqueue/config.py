@@ -1,0 +1,106 @@
+"""The one settings object. Nothing else in sdqueue reads the environment.
+
+Every field is read from an ``SDQ_``-prefixed environment variable (``SDQ_REDIS_URL``...) or
+from a ``.env`` file in the working directory. S3 credentials are the exception on purpose:
+they come from boto3's own chain (``AWS_ACCESS_KEY_ID``, instance roles, ...), so sdqueue never
+holds a secret it doesn't need.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigError
+
+DAY_S = 24 * 3600
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def _default_storage_url() -> str:
+    return (Path.cwd() / "sdq-output").as_uri()
+
+
+class Settings(BaseSettings):
+    """Configuration of producers, workers and the API, from ``SDQ_*`` variables."""
+
+    model_config = SettingsConfigDict(env_prefix="SDQ_", env_file=".env", extra="ignore")
+
+    # --- queue ---
+    redis_url: str = "redis://localhost:6379/0"
+    """redis:// or rediss:// (TLS); a password goes in the URL: redis://:secret@host:6379/0."""
+    queue: str = "sdqueue"
+    """Name of the rq queue producers push to and workers take from."""
+
+    # --- storage ---
+    storage_url: str = Field(default_factory=_default_storage_url)
+    """s3://BUCKET/PREFIX or file:///absolute/dir. Default: ./sdq-output as a file:// URL."""
+    s3_endpoint_url: str | None = None
+    """For MinIO, R2, GCS interop or any S3-compatible service; None means AWS."""
+    s3_region: str | None = None
+    s3_create_bucket: bool = False
+    """Create the bucket at start if it is missing (handy for MinIO; leave off on AWS)."""
+    presign_expiry_s: int = Field(default=3600, ge=1, le=7 * DAY_S)
+    """Lifetime of the presigned image URLs in job status (S3 caps it at 7 days)."""
+
+    # --- model and engine ---
+    model: str = DEFAULT_MODEL
+    """Hugging Face model id or a local directory holding a diffusers pipeline."""
+    model_revision: str | None = None
+    """Hub revision (pin a commit hash in production); ignored for local directories."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    dtype: Literal["auto", "float16", "float32"] = "auto"
+    """auto = float16 on CUDA, float32 on CPU (CPU kernels for fp16 are slow or missing)."""
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    """PyTorch's scaled-dot-product attention, or xformers when installed and asked for."""
+
+    # --- jobs ---
+    job_timeout_base_s: int = Field(default=120, ge=1)
+    """Fixed part of a job's timeout: text encoding, VAE decode, encoding, upload."""
+    job_timeout_per_step_s: float = Field(default=1.0, gt=0)
+    """Per denoising step of one 512x512 image; scaled by pixel count and image count."""
+    max_retries: int = Field(default=2, ge=0, le=10)
+    """Retries for transient failures (storage, crash). Invalid or foreign jobs never retry."""
+    retry_interval_s: int = Field(default=10, ge=0)
+    result_ttl_s: int = Field(default=7 * DAY_S, ge=1)
+    """How long a finished job's status stays in Redis (the images live as long as storage keeps them)."""
+    failure_ttl_s: int = Field(default=7 * DAY_S, ge=1)
+    """How long a failed job stays in Redis for inspection."""
+    progress_interval_s: float = Field(default=0.5, ge=0)
+    """Minimum time between two progress writes to Redis from the step callback."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"must start with redis://, rediss:// or unix://, got {value!r}")
+        return value
+
+    @field_validator("storage_url")
+    @classmethod
+    def _check_storage_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme == "s3" and parts.netloc:
+            return value
+        if parts.scheme == "file" and parts.path.startswith("/"):
+            return value
+        raise ValueError(f"must be s3://BUCKET/PREFIX or file:///absolute/dir, got {value!r}")
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, turning a bad variable into a ConfigError that names it."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        raise ConfigError(f"SDQ_{field.upper()}: {first['msg']}") from None

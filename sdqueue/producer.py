@@ -1,0 +1,227 @@
+"""The producer side: put requests on the queue, read their status, cancel them.
+
+Used by the CLI and the HTTP API. Imports no torch: enqueueing is a Redis round trip.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from rq import Queue, Retry
+from rq.exceptions import DeserializationError, DuplicateJobError, NoSuchJobError
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from .config import Settings
+from .errors import InvalidRequest, JobConflict, JobNotFound, ServiceUnavailable
+from .jobs import (
+    RENDER_FUNC,
+    GenerationRequest,
+    ImageRef,
+    JobView,
+    Progress,
+    Status,
+    Timings,
+    check_job_id,
+    status_from_rq,
+)
+
+POLL_INTERVAL_S = 0.2
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def connect(settings: Settings, *, socket_timeout_s: float | None = 10.0) -> redis.Redis:
+    """A Redis client for SDQ_REDIS_URL (rediss:// means TLS). Connects lazily."""
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=5,
+        socket_timeout=socket_timeout_s,
+        health_check_interval=30,
+        retry_on_timeout=True,
+    )
+
+
+@contextmanager
+def redis_errors(settings: Settings) -> Iterator[None]:
+    """Turn a Redis outage into ServiceUnavailable naming the (redacted) URL."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise ServiceUnavailable(f"cannot reach Redis at {redact(settings.redis_url)}: {exc}") from None
+
+
+class Producer:
+    """Enqueue requests and read jobs back, on one Redis connection."""
+
+    def __init__(self, settings: Settings, connection: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self.redis = connection if connection is not None else connect(settings)
+        self.queue = Queue(settings.queue, connection=self.redis, serializer=JSONSerializer)
+
+    def _job_options(self, request: GenerationRequest) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "timeout": request.timeout_s(s.job_timeout_base_s, s.job_timeout_per_step_s),
+            "result_ttl": s.result_ttl_s,
+            "failure_ttl": s.failure_ttl_s,
+            "retry": Retry(max=s.max_retries, interval=s.retry_interval_s) if s.max_retries else None,
+            "description": request.prompt[:80],
+            "meta": {"progress": {"step": 0, "total_steps": request.steps}},
+        }
+
+    def enqueue(self, request: GenerationRequest, job_id: str | None = None) -> JobView:
+        """Queue one request; a caller-chosen id that already exists is refused, never overwritten."""
+        request = request.with_seed()
+        job_id = check_job_id(job_id) if job_id is not None else uuid.uuid4().hex
+        options = self._job_options(request)
+        with redis_errors(self.settings):
+            try:
+                job = self.queue.enqueue(
+                    RENDER_FUNC,
+                    args=(request.model_dump(mode="json"),),
+                    job_id=job_id,
+                    unique=True,
+                    job_timeout=options.pop("timeout"),
+                    **options,
+                )
+            except DuplicateJobError:
+                raise JobConflict(f"job id {job_id!r} already exists") from None
+        return self._view(job)
+
+    def enqueue_many(self, requests: Sequence[GenerationRequest]) -> list[str]:
+        """Queue many requests in one pipelined round trip; returns their ids in order."""
+        datas = []
+        for request in requests:
+            request = request.with_seed()
+            datas.append(
+                Queue.prepare_data(
+                    RENDER_FUNC,
+                    args=(request.model_dump(mode="json"),),
+                    job_id=uuid.uuid4().hex,
+                    **self._job_options(request),
+                )
+            )
+        with redis_errors(self.settings), self.redis.pipeline() as pipe:
+            jobs = self.queue.enqueue_many(datas, pipeline=pipe)
+            pipe.execute()
+        return [job.id for job in jobs]
+
+    def fetch_job(self, job_id: str) -> Job:
+        if not _looks_like_id(job_id):
+            raise JobNotFound(job_id)
+        with redis_errors(self.settings):
+            try:
+                return Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
+            except NoSuchJobError:
+                raise JobNotFound(job_id) from None
+
+    def status(self, job_id: str) -> JobView:
+        """The job as readers see it; JobNotFound for unknown or expired ids."""
+        job = self.fetch_job(job_id)
+        with redis_errors(self.settings):
+            return self._view(job)
+
+    def cancel(self, job_id: str) -> JobView:
+        """Cancel a queued job so it is never rendered; JobConflict once a worker has it."""
+        job = self.fetch_job(job_id)
+        with redis_errors(self.settings):
+            status = job.get_status()
+            if status in ("queued", "scheduled", "deferred"):
+                # LREM decides the race with a worker: whoever removes the id from the list owns it.
+                removed = self.redis.lrem(self.queue.key, 1, job.id) if status == "queued" else 1
+                if removed:
+                    job.cancel()
+                    return self.status(job_id)
+                status = job.get_status()
+            raise JobConflict(
+                f"job {job_id!r} is {status_from_rq(status).value}; only queued jobs can be canceled"
+            )
+
+    def wait(
+        self,
+        job_id: str,
+        on_update: Callable[[JobView], None] | None = None,
+        timeout_s: float | None = None,
+    ) -> JobView:
+        """Poll until the job ends (or TIMEOUT_S passes); ON_UPDATE sees every poll."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            view = self.status(job_id)
+            if on_update is not None:
+                on_update(view)
+            if view.status.is_terminal() or (deadline is not None and time.monotonic() > deadline):
+                return view
+            time.sleep(POLL_INTERVAL_S)
+
+    def _view(self, job: Job) -> JobView:
+        meta = job.meta or {}
+        status = status_from_rq(job.get_status(refresh=False))
+        try:
+            request = job.args[0] if job.args and isinstance(job.args[0], dict) else {}
+        except DeserializationError:
+            request = {}
+        error = meta.get("error")
+        if status is Status.FAILED and not error:
+            error = _last_line_of_failure(job)
+        return JobView(
+            id=job.id,
+            status=status,
+            progress=Progress(**meta.get("progress", {})),
+            request=request,
+            images=[ImageRef(**image) for image in meta.get("images", [])]
+            if status is Status.FINISHED
+            else [],
+            error=error if status is Status.FAILED else None,
+            warnings=list(meta.get("warnings", [])),
+            attempts=int(meta.get("attempts", 0)),
+            created_at=_utc(job.created_at),
+            started_at=_utc(job.started_at),
+            finished_at=_utc(job.ended_at) if status.is_terminal() else None,
+            timings=Timings(**meta.get("timings", {})),
+        )
+
+
+def parse_request_or_raise(data: object, where: str = "") -> GenerationRequest:
+    """parse_request with WHERE ("line 3: ") in front of the message."""
+    from .jobs import parse_request
+
+    try:
+        return parse_request(data)
+    except InvalidRequest as exc:
+        raise InvalidRequest(exc.field, f"{where}{exc}") from None
+
+
+def _looks_like_id(job_id: str) -> bool:
+    try:
+        check_job_id(job_id)
+    except InvalidRequest:
+        return False
+    return True
+
+
+def _last_line_of_failure(job: Job) -> str | None:
+    result = job.latest_result()
+    text = (result.exc_string or "").strip() if result is not None else ""
+    return text.splitlines()[-1] if text else None
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
