@@ -149,6 +149,21 @@ class SdqWorker(SimpleWorker):
         job.runner = self.runner  # type: ignore[attr-defined]
         return bool(super().perform_job(job, queue))
 
+    def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any) -> None:
+        super().handle_job_success(job, queue, started_job_registry)
+        self._job_ended(job)
+
+    def handle_job_failure(
+        self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = ""
+    ) -> None:
+        will_retry = job.should_retry and self._stopped_job_id != job.id
+        super().handle_job_failure(job, queue, started_job_registry, exc_string)
+        if not will_retry:
+            self._job_ended(job)
+
+    def _job_ended(self, job: Job) -> None:
+        """Job-end hooks (metrics, webhooks), after the final status is written. Never raises."""
+
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
         # rq quits its loop when a job in the queue can't even be loaded; a poison entry must not
         # take the worker down with it, so fail that entry and keep listening.
@@ -182,9 +197,15 @@ class SdqWorker(SimpleWorker):
 
 
 def run_worker(
-    settings: Settings, *, model: str | None = None, burst: bool = False, engine: Engine | None = None
+    settings: Settings,
+    *,
+    model: str | None = None,
+    burst: bool = False,
+    idle_timeout_s: int | None = None,
+    engine: Engine | None = None,
 ) -> bool:
-    """Load the engine once, then take jobs until stopped (or, with BURST, until the queue is empty)."""
+    """Load the engine once, then take jobs until stopped: with BURST until the queue is empty,
+    with IDLE_TIMEOUT_S once no job has come for that long. True if any job was processed."""
     from .engine import DiffusersEngine
 
     store = open_store(settings)
@@ -194,4 +215,4 @@ def run_worker(
     connection = connect(settings, socket_timeout_s=None)
     queue = Queue(settings.queue, connection=connection, serializer=JSONSerializer)
     worker = SdqWorker([queue], connection=connection, runner=JobRunner(settings, engine, store))
-    return bool(worker.work(burst=burst, logging_level=settings.log_level))
+    return bool(worker.work(burst=burst, max_idle_time=idle_timeout_s, logging_level=settings.log_level))
