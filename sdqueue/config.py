@@ -74,6 +74,16 @@ class Settings(BaseSettings):
     progress_interval_s: float = Field(default=0.5, ge=0)
     """Minimum time between two progress writes to Redis from the step callback."""
 
+    # --- worker lifecycle ---
+    worker_grace_s: float = Field(default=25.0, gt=0)
+    """After SIGTERM/SIGINT: finish the running job if it fits in this time, else requeue it at
+    the front at a step boundary; the worker exits within it (Modal preempts with ~30 s)."""
+    heartbeat_ttl_s: int = Field(default=20, ge=2)
+    """A running job's lease; a worker that stops renewing it (crash, kill -9) loses the job."""
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    housekeeping_interval_s: float = Field(default=5.0, gt=0)
+    """How often some live worker requeues jobs with expired leases and releases due retries."""
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("redis_url")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import Settings
-from .errors import RenderError
+from .errors import OutOfMemory, RenderError
 from .jobs import GenerationRequest, Scheduler
 
 if TYPE_CHECKING:
@@ -169,7 +169,6 @@ class DiffusersEngine:
 
     def render(self, items: Sequence[RenderItem], on_step: StepCallback | None = None) -> list[Image]:
         """Render ITEMS in one pipeline call; returns one PIL image per item, in order."""
-        import numpy as np
         import torch
         from PIL import Image as PILImage
 
@@ -187,19 +186,73 @@ class DiffusersEngine:
                 on_step(step + 1, first.steps)
             return kwargs
 
-        with torch.inference_mode():
-            output = self.pipe(
-                prompt=[item.request.prompt for item in items],
-                negative_prompt=[item.request.negative_prompt or "" for item in items],
-                num_inference_steps=first.steps,
-                guidance_scale=first.guidance_scale,
-                width=first.width,
-                height=first.height,
-                generator=generators,
-                output_type="np",
-                callback_on_step_end=step_end,
-            )
-        pixels = output.images
-        if not np.isfinite(pixels).all():
-            raise RenderError("the model produced NaN pixels (fp16 overflow?); nothing was stored")
-        return [PILImage.fromarray((image * 255).round().astype("uint8")) for image in pixels]
+        try:
+            with torch.inference_mode():
+                latents = self.pipe(
+                    prompt=[item.request.prompt for item in items],
+                    negative_prompt=[item.request.negative_prompt or "" for item in items],
+                    num_inference_steps=first.steps,
+                    guidance_scale=first.guidance_scale,
+                    width=first.width,
+                    height=first.height,
+                    generator=generators,
+                    output_type="latent",
+                    callback_on_step_end=step_end,
+                ).images
+                pixels, warnings = self._decode_checked(latents)
+        except torch.cuda.OutOfMemoryError as exc:  # the class exists on CPU builds too
+            del exc
+            self._free_memory()
+            raise OutOfMemory(
+                f"out of GPU memory rendering {len(items)} image(s) of {first.width}x{first.height}"
+            ) from None
+        images = []
+        for image, image_warnings in zip(pixels, warnings, strict=True):
+            picture = PILImage.fromarray((image * 255).round().astype("uint8"))
+            picture.info["warnings"] = image_warnings  # read by the runner into the job's warnings
+            images.append(picture)
+        return images
+
+    def _decode(self, latents: Any) -> Any:
+        """Latents to float pixels in [0, 1], shape (batch, height, width, 3), as diffusers does."""
+        vae = self.pipe.vae
+        image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image, output_type="np")
+
+    def _decode_checked(self, latents: Any) -> tuple[Any, list[list[str]]]:
+        """Decode, and never hand back NaN or all-black images silently.
+
+        fp16 VAEs can overflow on some latents: NaN or black pictures. Those images are decoded
+        again with the VAE in fp32; what is still broken is an error, what is still black is
+        reported on the job."""
+        import numpy as np
+        import torch
+
+        pixels = self._decode(latents)
+        warnings: list[list[str]] = [[] for _ in range(len(pixels))]
+        bad = [i for i, image in enumerate(pixels) if not np.isfinite(image).all() or image.max() <= 0]
+        if bad and self.pipe.vae.dtype != torch.float32:
+            original = self.pipe.vae.dtype
+            self.pipe.vae.to(torch.float32)
+            try:
+                redone = self._decode(latents[bad].float())
+            finally:
+                self.pipe.vae.to(original)
+            for i, image in zip(bad, redone, strict=True):
+                pixels[i] = image
+                warnings[i].append(f"image {i} overflowed in fp16; decoded again with an fp32 VAE")
+        for i, image in enumerate(pixels):
+            if not np.isfinite(image).all():
+                raise RenderError("the model produced NaN pixels; nothing was stored")
+            if image.max() <= 0:
+                warnings[i].append(f"image {i} is entirely black")
+        return pixels, warnings
+
+    def _free_memory(self) -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

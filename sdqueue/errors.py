@@ -66,6 +66,14 @@ class RenderError(SdqError):
     pass
 
 
+class OutOfMemory(RenderError):
+    """Raised by the engine after freeing memory, so the caller can retry with a smaller batch."""
+
+
+class Preempted(SdqError):
+    """Raised at a step boundary when the worker must stop before the job could finish."""
+
+
 class ForeignJob(SdqError):
     """Raised in the worker instead of importing or running a function it doesn't own."""
 

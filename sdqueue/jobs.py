@@ -22,6 +22,9 @@ from .errors import InvalidRequest
 RENDER_FUNC = "sdqueue.worker.render"
 """The only function name an sdqueue worker runs; any other name in the queue is refused."""
 
+HOUSEKEEPING_LOCK_KEY = "sdqueue:lock:housekeeping:{queue}"
+"""Held for one housekeeping pass so only one worker at a time requeues abandoned jobs."""
+
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 """Caller-chosen job ids: letters, digits, '-' and '_' (they become storage keys and URL parts)."""
 

@@ -13,21 +13,27 @@ directly; nothing named in Redis is ever imported.
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 import time
+from types import FrameType
 from typing import Any
 
 from rq import SimpleWorker
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
+from rq.worker import WorkerStatus
 
 from .config import Settings
-from .engine import Engine, RenderItem
-from .errors import ForeignJob, InvalidRequest, SdqError
-from .images import PNG_CONTENT_TYPE, encode_png
-from .jobs import RENDER_FUNC, image_key, parse_request
+from .engine import Engine
+from .errors import ForeignJob, Preempted, SdqError
+from .housekeeping import Heartbeat, Housekeeper
+from .jobs import RENDER_FUNC
 from .producer import connect
-from .storage import Store, open_store
+from .runner import JobRunner
+from .storage import open_store
 
 logger = logging.getLogger(__name__)
 
@@ -35,73 +41,6 @@ logger = logging.getLogger(__name__)
 def render(request: dict[str, Any]) -> None:
     """The name jobs carry (RENDER_FUNC). Only an sdqueue worker can run it, with its warm engine."""
     raise ForeignJob("sdqueue jobs must be run by `sdq worker`, not a plain rq worker")
-
-
-class JobRunner:
-    """Renders one job with the warm engine, stores its PNGs, and writes progress and results."""
-
-    def __init__(self, settings: Settings, engine: Engine, store: Store) -> None:
-        self.settings = settings
-        self.engine = engine
-        self.store = store
-
-    def run(self, job: Job) -> dict[str, Any]:
-        meta = job.meta
-        meta["attempts"] = int(meta.get("attempts", 0)) + 1
-        meta.pop("error", None)
-        started = time.time()
-        enqueued = job.enqueued_at.timestamp() if job.enqueued_at else started
-        if len(job.args) != 1 or job.kwargs:
-            raise InvalidRequest("request", "a render job takes exactly one request object")
-        request = parse_request(job.args[0])  # Redis is a trust boundary too
-        meta["warnings"] = self.engine.prompt_warnings(request)
-        meta["progress"] = {"step": 0, "total_steps": request.steps}
-        job.save_meta()
-
-        items = [RenderItem(request, index) for index in range(request.num_images)]
-        images = self.engine.render(items, on_step=self._progress_writer(job))
-        rendered = time.time()
-
-        pngs = [
-            encode_png(
-                image, request, item.index, item.seed, self.engine.model_id, self.engine.model_revision
-            )
-            for image, item in zip(images, items, strict=True)
-        ]
-        encoded = time.time()
-
-        refs = []
-        for item, png in zip(items, pngs, strict=True):
-            key = image_key(self.store.prefix, job.id, item.index)
-            self.store.put(key, png, PNG_CONTENT_TYPE)
-            refs.append({"index": item.index, "key": key, "url": self.store.url(key), "seed": item.seed})
-        uploaded = time.time()
-
-        # Only now, with every object stored, may the job become `finished`.
-        meta["images"] = refs
-        meta["progress"] = {"step": request.steps, "total_steps": request.steps}
-        meta["timings"] = {
-            "queue_wait_s": round(max(0.0, started - enqueued), 4),
-            "render_s": round(rendered - started, 4),
-            "encode_s": round(encoded - rendered, 4),
-            "upload_s": round(uploaded - encoded, 4),
-        }
-        job.save_meta()
-        return {"images": refs}
-
-    def _progress_writer(self, job: Job) -> Any:
-        interval = self.settings.progress_interval_s
-        last = [0.0]
-
-        def write(step: int, total: int) -> None:
-            now = time.monotonic()
-            if step < total and now - last[0] < interval:
-                return
-            last[0] = now
-            job.meta["progress"] = {"step": step, "total_steps": total}
-            job.save_meta()
-
-        return write
 
 
 class RenderJob(Job):
@@ -134,20 +73,95 @@ class RenderJob(Job):
 
 
 class SdqWorker(SimpleWorker):
-    """A SimpleWorker that hands each job the warm JobRunner and records one-line errors."""
+    """A SimpleWorker that hands each job the warm JobRunner, keeps its lease alive while it
+    renders, records one-line errors, and on SIGTERM/SIGINT finishes or requeues within a grace."""
 
     job_class = RenderJob
 
-    def __init__(self, *args: Any, runner: JobRunner | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, runner: JobRunner | None = None, settings: Settings | None = None, **kwargs: Any
+    ) -> None:
         kwargs.setdefault("serializer", JSONSerializer)
         kwargs.setdefault("job_class", RenderJob)
         super().__init__(*args, **kwargs)
         self.runner = runner
+        self.settings = settings or (runner.settings if runner else Settings())
+        self._stop_deadline: float | None = None
+        self._abort_now = False
+        self._preempted_job_id: str | None = None
         self.push_exc_handler(self._record_failure)  # type: ignore[no-untyped-call]
+
+    # --- leases: a short TTL renewed by a thread, instead of rq's job_timeout + 60 s ---
+
+    def get_heartbeat_ttl(self, job: Job) -> int:
+        return self.settings.heartbeat_ttl_s
 
     def perform_job(self, job: Job, queue: Queue) -> bool:
         job.runner = self.runner  # type: ignore[attr-defined]
-        return bool(super().perform_job(job, queue))
+        if self.runner is not None:
+            self.runner.should_abort = self._should_abort
+        heartbeat = Heartbeat(lambda: self.maintain_heartbeats(job), self.settings.heartbeat_interval_s)
+        heartbeat.start()
+        try:
+            return bool(super().perform_job(job, queue))
+        finally:
+            heartbeat.stop()
+
+    # --- shutdown: stop taking jobs; finish the running one if it fits in the grace, else requeue ---
+
+    def request_stop(self, signum: int, frame: FrameType | None) -> None:
+        if self._stop_deadline is not None:  # a second signal: abort at the next step boundary
+            self.log.warning("second stop signal: aborting the running job at the next step")
+            self._abort_now = True
+            return
+        self._stop_deadline = time.monotonic() + self.settings.worker_grace_s
+        self.log.info("stop requested (signal %s): %.0f s grace", signum, self.settings.worker_grace_s)
+        if self.get_state() == WorkerStatus.BUSY:
+            self._start_watchdog()
+        super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
+        # rq re-points the signals at a cold shutdown that would raise SystemExit mid-render.
+        signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGTERM, self.request_stop)
+
+    def _should_abort(self, step: int, total: int, elapsed_s: float) -> bool:
+        """At a step boundary during shutdown: would the rest of the job overrun the grace?"""
+        if self._stop_deadline is None:
+            return False
+        if self._abort_now:
+            return True
+        per_step = elapsed_s / max(step, 1)
+        finish_estimate = (total - step) * per_step + per_step + 1.0  # + decode, encode, upload
+        return time.monotonic() + finish_estimate > self._stop_deadline
+
+    def _start_watchdog(self) -> None:
+        """Backstop for a single step longer than the grace: requeue the job and exit hard."""
+
+        def expire() -> None:
+            job = self.get_current_job()
+            if job is not None and self.get_state() == WorkerStatus.BUSY:
+                self.log.error("grace over mid-step: requeueing job %s and exiting", job.id)
+                self._requeue_front(
+                    job, Queue(job.origin, connection=self.connection, serializer=JSONSerializer)
+                )
+            os._exit(1)
+
+        remaining = max(0.5, (self._stop_deadline or time.monotonic()) - time.monotonic() - 0.5)
+        timer = threading.Timer(remaining, expire)
+        timer.daemon = True
+        timer.start()
+
+    def _requeue_front(self, job: Job, queue: Queue) -> None:
+        with self.connection.pipeline() as pipe:
+            self.cleanup_execution(job, pipeline=pipe)
+            job.meta.pop("error", None)
+            job.meta["progress"] = {
+                "step": 0,
+                "total_steps": job.meta.get("progress", {}).get("total_steps", 0),
+            }
+            job.set_status(JobStatus.QUEUED, pipeline=pipe)
+            job.save(pipeline=pipe)
+            queue.push_job_id(job.id, pipeline=pipe, at_front=True)
+            pipe.execute()
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any) -> None:
         super().handle_job_success(job, queue, started_job_registry)
@@ -156,6 +170,11 @@ class SdqWorker(SimpleWorker):
     def handle_job_failure(
         self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = ""
     ) -> None:
+        if self._preempted_job_id == job.id:
+            self._preempted_job_id = None
+            self._requeue_front(job, queue)
+            self.log.info("job %s requeued at the front: the worker is shutting down", job.id)
+            return
         will_retry = job.should_retry and self._stopped_job_id != job.id
         super().handle_job_failure(job, queue, started_job_registry, exc_string)
         if not will_retry:
@@ -183,6 +202,9 @@ class SdqWorker(SimpleWorker):
 
     def _record_failure(self, job: Job, exc_type: type, exc: BaseException, tb: Any) -> bool:
         """Keep a one-line reason on the job; errors that would fail again are not retried."""
+        if isinstance(exc, Preempted):
+            self._preempted_job_id = job.id
+            return False
         retryable = (
             exc.retryable if isinstance(exc, SdqError) else exc_type.__name__ != "DeserializationError"
         )
@@ -213,6 +235,15 @@ def run_worker(
     if engine is None:
         engine = DiffusersEngine.load(settings, model)
     connection = connect(settings, socket_timeout_s=None)
-    queue = Queue(settings.queue, connection=connection, serializer=JSONSerializer)
-    worker = SdqWorker([queue], connection=connection, runner=JobRunner(settings, engine, store))
-    return bool(worker.work(burst=burst, max_idle_time=idle_timeout_s, logging_level=settings.log_level))
+    # RenderJob here too: rq's registry maintenance loads jobs through the queue's job class.
+    queue = Queue(settings.queue, connection=connection, serializer=JSONSerializer, job_class=RenderJob)
+    worker = SdqWorker(
+        [queue], connection=connection, runner=JobRunner(settings, engine, store), settings=settings
+    )
+    housekeeper = Housekeeper(queue, settings.housekeeping_interval_s, RenderJob)
+    housekeeper.run_once()  # jobs orphaned while no worker was alive
+    housekeeper.start()
+    try:
+        return bool(worker.work(burst=burst, max_idle_time=idle_timeout_s, logging_level=settings.log_level))
+    finally:
+        housekeeper.stop()

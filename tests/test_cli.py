@@ -128,17 +128,19 @@ def test_enqueue_and_status_do_not_import_torch(settings: Settings) -> None:
 
 
 @pytest.fixture
-def background_worker(settings: Settings) -> Iterator[subprocess.Popen[str]]:
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "sdqueue", "worker"],
-        env=settings_env(settings),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    yield worker
-    worker.terminate()
-    worker.wait(timeout=30)
+def background_worker(settings: Settings, tmp_path: Path) -> Iterator[Path]:
+    """A long-running `sdq worker` process; yields its log file for failure messages."""
+    log = tmp_path / "worker.log"
+    with log.open("w") as sink:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "sdqueue", "worker"],
+            env=settings_env(settings),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+        yield log
+        worker.terminate()
+        worker.wait(timeout=30)
 
 
 @pytest.mark.slow
