@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     """s3://BUCKET/PREFIX or file:///absolute/dir. Default: ./sdq-output as a file:// URL."""
     s3_endpoint_url: str | None = None
     """For MinIO, R2, GCS interop or any S3-compatible service; None means AWS."""
+    s3_public_endpoint_url: str | None = None
+    """Endpoint image URLs are signed for, when clients reach S3 by another name than workers do
+    (docker compose: workers use http://minio:9000, the host http://localhost:9000)."""
     s3_region: str | None = None
     s3_create_bucket: bool = False
     """Create the bucket at start if it is missing (handy for MinIO; leave off on AWS)."""

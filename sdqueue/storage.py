@@ -95,6 +95,7 @@ class S3Store:
         prefix: str = "",
         *,
         endpoint_url: str | None = None,
+        public_endpoint_url: str | None = None,
         region: str | None = None,
         presign_expiry_s: int = 3600,
         create_bucket: bool = False,
@@ -114,6 +115,14 @@ class S3Store:
             read_timeout=30,
         )
         self._client: Any = boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+        # A presigned URL names its host inside the signature, so a client that reaches S3 by
+        # another name (the host's localhost:9000 for the worker's minio:9000) needs URLs signed
+        # for that name. Signing is offline: this second client never opens a connection.
+        self._signer: Any = (
+            boto3.client("s3", endpoint_url=public_endpoint_url, region_name=region, config=config)
+            if public_endpoint_url
+            else self._client
+        )
         if create_bucket:
             self._ensure_bucket()
 
@@ -155,7 +164,7 @@ class S3Store:
         return True
 
     def url(self, key: str) -> str:
-        url: str = self._client.generate_presigned_url(
+        url: str = self._signer.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.presign_expiry_s
         )
         return url
@@ -178,6 +187,7 @@ def open_store(settings: Settings) -> Store:
         parts.netloc,
         parts.path.strip("/"),
         endpoint_url=settings.s3_endpoint_url,
+        public_endpoint_url=settings.s3_public_endpoint_url,
         region=settings.s3_region,
         presign_expiry_s=settings.presign_expiry_s,
         create_bucket=settings.s3_create_bucket,

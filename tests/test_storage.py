@@ -79,3 +79,22 @@ def test_local_keys_cannot_escape_the_root(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="escapes"):
         store.put("../outside.png", b"x", "image/png")
     assert not (tmp_path / "outside.png").exists()
+
+
+def test_urls_are_signed_for_the_public_endpoint(s3_endpoint: str, s3_storage_url: str) -> None:
+    """The worker talks to S3 as 127.0.0.1 (compose: minio:9000); clients get URLs for localhost."""
+    public = s3_endpoint.replace("127.0.0.1", "localhost")
+    store = open_store(
+        Settings(
+            storage_url=s3_storage_url,
+            s3_endpoint_url=s3_endpoint,
+            s3_public_endpoint_url=public,
+            s3_create_bucket=True,
+        )
+    )
+    store.put("a/0.png", b"png bytes", "image/png")
+    url = store.url("a/0.png")
+    assert urlsplit(url).netloc == urlsplit(public).netloc
+    assert download(url) == b"png bytes"
+    internal = open_store(Settings(storage_url=s3_storage_url, s3_endpoint_url=s3_endpoint))
+    assert urlsplit(internal.url("a/0.png")).netloc == urlsplit(s3_endpoint).netloc
