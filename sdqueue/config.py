@@ -62,6 +62,22 @@ class Settings(BaseSettings):
     attention: Literal["sdpa", "xformers"] = "sdpa"
     """PyTorch's scaled-dot-product attention, or xformers when installed and asked for."""
 
+    # --- scale to zero (Modal); read when `modal deploy` runs, then passed to the containers ---
+    worker_idle_timeout_s: int = Field(default=60, ge=1)
+    """A scale-to-zero worker (a Modal drain) exits once the queue has been empty this long."""
+    modal_app_name: str = "sdqueue"
+    """Name of the deployed Modal app; deploy twice under two names for staging and production."""
+    modal_secret: str = "sdqueue-secrets"
+    """Modal Secret holding SDQ_REDIS_URL, SDQ_STORAGE_URL, S3 endpoint and AWS_* credentials."""
+    modal_gpu: str = "A10G"
+    """Modal GPU type for the drains: T4, L4, A10G, L40S, A100, H100..."""
+    modal_min_workers: int = Field(default=0, ge=0)
+    """Drains kept running even with an empty queue (0 = nothing billed while idle)."""
+    modal_max_workers: int = Field(default=4, ge=1)
+    """Most drains (GPU containers) running at once, whatever the backlog."""
+    modal_jobs_per_worker: int = Field(default=4, ge=1)
+    """Queued jobs that justify one more drain; higher means fewer cold starts, more waiting."""
+
     # --- jobs ---
     job_timeout_base_s: int = Field(default=120, ge=1)
     """Fixed part of a job's timeout: text encoding, VAE decode, encoding, upload."""

@@ -34,6 +34,11 @@ def image_key(prefix: str, job_id: str, index: int) -> str:
     return f"{prefix.strip('/')}/{job_id}/{index}.png".lstrip("/")
 
 
+SCALER_STARTING_KEY = "sdqueue:scaler:starting:{queue}"
+"""Sorted set of drains the Modal scaler has spawned that have not yet loaded their model
+(member: a token, score: spawn time), so a cold start is not counted as missing capacity twice."""
+
+
 # --- The request --------------------------------------------------------------------------------
 
 PROMPT_MAX_CHARS = 2000
