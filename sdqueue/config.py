@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigError
@@ -102,6 +102,20 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     housekeeping_interval_s: float = Field(default=5.0, gt=0)
     """How often some live worker requeues jobs with expired leases and releases due retries."""
+
+    # --- HTTP API and webhooks ---
+    api_token: SecretStr | None = None
+    """Bearer token `sdq api` requires on every route but /healthz. Unset or empty: the API is
+    open to anyone who can reach it, and logs so at start."""
+    webhook_secret: SecretStr | None = None
+    """Key of the HMAC-SHA256 sent in X-Sdqueue-Signature. The API accepts a webhook_url only when
+    it has one; workers need the same value to send webhooks."""
+    webhook_max_attempts: int = Field(default=5, ge=1, le=20)
+    """Tries per webhook, the first included; a non-2xx answer or a network error is retried."""
+    webhook_backoff_s: float = Field(default=2.0, ge=0, le=300)
+    """Wait before the second try; it doubles with each retry, up to 5 minutes."""
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    """Timeout of one webhook POST (connect and answer)."""
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -12,6 +12,7 @@ import secrets
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -27,6 +28,17 @@ HOUSEKEEPING_LOCK_KEY = "sdqueue:lock:housekeeping:{queue}"
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 """Caller-chosen job ids: letters, digits, '-' and '_' (they become storage keys and URL parts)."""
+
+METRICS_KEY = "sdqueue:metrics:{queue}"
+"""Hash of job-end counters and histogram buckets, bumped by every worker (HINCRBY) and read by
+every API replica's /metrics, so the numbers are the whole cluster's, not one process's."""
+
+IDEMPOTENCY_KEY = "sdqueue:idempotency:{queue}:{key_sha256}"
+"""An Idempotency-Key's request fingerprint and job ids (JSON), claimed with SET NX. The client's
+key is hashed so any key the API accepts makes a short Redis key."""
+
+IDEMPOTENCY_TTL_S = 24 * 3600
+"""How long an Idempotency-Key is remembered: a retry within a day gets the same job back."""
 
 
 def image_key(prefix: str, job_id: str, index: int) -> str:
@@ -216,6 +228,29 @@ def check_job_id(job_id: str) -> str:
     return job_id
 
 
+WEBHOOK_URL_MAX_CHARS = 2048
+
+
+def check_webhook_url(url: object) -> str:
+    """A job's webhook URL: http(s) with a host, no spaces, at most 2,048 characters."""
+    if not isinstance(url, str):
+        raise InvalidRequest("webhook_url", f"webhook_url must be a string, got {_show(url)}")
+    if len(url) > WEBHOOK_URL_MAX_CHARS:
+        raise InvalidRequest(
+            "webhook_url", f"webhook_url must be at most {WEBHOOK_URL_MAX_CHARS} characters, got {len(url)}"
+        )
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a malformed port or IPv6 address
+        valid = False
+    if not valid or any(c.isspace() or not c.isprintable() for c in url):
+        raise InvalidRequest(
+            "webhook_url", f"webhook_url must be an http:// or https:// URL with a host, got {_show(url)}"
+        )
+    return url
+
+
 # --- The status ---------------------------------------------------------------------------------
 
 
@@ -271,6 +306,17 @@ class Timings(BaseModel):
     upload_s: float | None = None
 
 
+class WebhookDelivery(BaseModel):
+    """Where a job's status is POSTed when it ends, and how that has gone so far."""
+
+    url: str
+    attempts: int = 0
+    last_status_code: int | None = None
+    """The receiver's last HTTP status; None before the first try or when it could not be reached."""
+    delivered: bool = False
+    error: str | None = None
+
+
 class JobView(BaseModel):
     """A job as `sdq status --json` and `GET /jobs/{id}` show it."""
 
@@ -286,3 +332,4 @@ class JobView(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     timings: Timings
+    webhook: WebhookDelivery | None = None

@@ -29,7 +29,9 @@ from .jobs import (
     Progress,
     Status,
     Timings,
+    WebhookDelivery,
     check_job_id,
+    check_webhook_url,
     status_from_rq,
 )
 
@@ -74,22 +76,28 @@ class Producer:
         self.redis = connection if connection is not None else connect(settings)
         self.queue = Queue(settings.queue, connection=self.redis, serializer=JSONSerializer)
 
-    def _job_options(self, request: GenerationRequest) -> dict[str, Any]:
+    def _job_options(self, request: GenerationRequest, webhook_url: str | None = None) -> dict[str, Any]:
         s = self.settings
+        meta: dict[str, Any] = {"progress": {"step": 0, "total_steps": request.steps}}
+        if webhook_url is not None:
+            meta["webhook"] = {"url": check_webhook_url(webhook_url)}
         return {
             "timeout": request.timeout_s(s.job_timeout_base_s, s.job_timeout_per_step_s),
             "result_ttl": s.result_ttl_s,
             "failure_ttl": s.failure_ttl_s,
             "retry": Retry(max=s.max_retries, interval=s.retry_interval_s) if s.max_retries else None,
             "description": request.prompt[:80],
-            "meta": {"progress": {"step": 0, "total_steps": request.steps}},
+            "meta": meta,
         }
 
-    def enqueue(self, request: GenerationRequest, job_id: str | None = None) -> JobView:
-        """Queue one request; a caller-chosen id that already exists is refused, never overwritten."""
+    def enqueue(
+        self, request: GenerationRequest, job_id: str | None = None, webhook_url: str | None = None
+    ) -> JobView:
+        """Queue one request; a caller-chosen id that already exists is refused, never overwritten.
+        With WEBHOOK_URL, the worker POSTs the job's status there when it ends."""
         request = request.with_seed()
         job_id = check_job_id(job_id) if job_id is not None else uuid.uuid4().hex
-        options = self._job_options(request)
+        options = self._job_options(request, webhook_url)
         with redis_errors(self.settings):
             try:
                 job = self.queue.enqueue(
@@ -104,17 +112,23 @@ class Producer:
                 raise JobConflict(f"job id {job_id!r} already exists") from None
         return self._view(job)
 
-    def enqueue_many(self, requests: Sequence[GenerationRequest]) -> list[str]:
-        """Queue many requests in one pipelined round trip; returns their ids in order."""
+    def enqueue_many(
+        self, requests: Sequence[GenerationRequest], webhook_urls: Sequence[str | None] | None = None
+    ) -> list[str]:
+        """Queue many requests in one pipelined round trip; returns their ids in order.
+        WEBHOOK_URLS, when given, holds one URL (or None) per request."""
+        urls = list(webhook_urls) if webhook_urls is not None else [None] * len(requests)
+        if len(urls) != len(requests):
+            raise ValueError(f"{len(urls)} webhook URLs for {len(requests)} requests")
         datas = []
-        for request in requests:
+        for request, url in zip(requests, urls, strict=True):
             request = request.with_seed()
             datas.append(
                 Queue.prepare_data(
                     RENDER_FUNC,
                     args=(request.model_dump(mode="json"),),
                     job_id=uuid.uuid4().hex,
-                    **self._job_options(request),
+                    **self._job_options(request, url),
                 )
             )
         with redis_errors(self.settings), self.redis.pipeline() as pipe:
@@ -194,6 +208,7 @@ class Producer:
             started_at=_utc(job.started_at),
             finished_at=_utc(job.ended_at) if status.is_terminal() else None,
             timings=Timings(**meta.get("timings", {})),
+            webhook=WebhookDelivery(**meta["webhook"]) if meta.get("webhook") else None,
         )
 
 
