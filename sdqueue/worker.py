@@ -182,6 +182,18 @@ class SdqWorker(SimpleWorker):
 
     def _job_ended(self, job: Job) -> None:
         """Job-end hooks (metrics, webhooks), after the final status is written. Never raises."""
+        try:
+            from .metrics import record_job_end
+
+            record_job_end(self.connection, job)  # one MULTI/EXEC round trip
+        except Exception:  # lost metrics must not fail the job or stop the worker
+            logger.exception("could not record metrics for job %s", job.id)
+        try:
+            from .webhooks import deliver_later
+
+            deliver_later(self.settings, job)  # sent by daemon threads: the GPU never waits on it
+        except Exception:
+            logger.exception("could not queue the webhook of job %s", job.id)
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
         # rq quits its loop when a job in the queue can't even be loaded; a poison entry must not
