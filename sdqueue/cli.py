@@ -222,6 +222,27 @@ def worker(
         _fail(exc)
 
 
+@app.command()
+def api(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on."),
+) -> None:
+    """Serve the HTTP API (needs the `api` extra: pip install 'sdqueue[api]')."""
+    try:
+        import uvicorn
+
+        from .api import create_app
+    except ImportError as exc:
+        err.print(f"error: `sdq api` needs the api extra (pip install 'sdqueue[api]'): {exc}", markup=False)
+        raise typer.Exit(1) from None
+    try:
+        settings = _settings()
+        _configure_logging(settings.log_level)
+        uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower())
+    except SdqError as exc:
+        _fail(exc)
+
+
 @app.command("make-tiny-model")
 def make_tiny_model(directory: Path) -> None:
     """Write a tiny random-weight Stable Diffusion pipeline (offline; its images are noise)."""
