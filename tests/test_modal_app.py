@@ -145,8 +145,8 @@ def test_timings_fit_modal_limits_and_each_other() -> None:
     # A drain that just returned is still warm when the next tick spawns one.
     assert m.SCALER_PERIOD_S < m.SCALEDOWN_WINDOW_S <= 3600
     # After the lifetime stop, a default job (the longest the worker would finish) still fits.
-    defaults = Settings()
-    default_job_s = defaults.job_timeout_base_s + 25 * defaults.job_timeout_per_step_s
+    fields = Settings.model_fields
+    default_job_s = fields["job_timeout_base_s"].default + 25 * fields["job_timeout_per_step_s"].default
     assert default_job_s < m.DRAIN_TIMEOUT_S - m.DRAIN_LIFETIME_S
     assert m.DRAIN_TIMEOUT_S <= 24 * m.HOURS
 
