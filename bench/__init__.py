@@ -1,0 +1,1 @@
+"""Benchmarks: each script warms up, repeats, prints medians and a ratio against its baseline."""
