@@ -67,7 +67,8 @@ def measure_pair(
     for _ in range(warmup):
         baseline()
         candidate()
-    base, cand = [], []
+    base: list[float] = []
+    cand: list[float] = []
     for _ in range(repeats):
         for fn, samples in ((baseline, base), (candidate, cand)):
             started = time.perf_counter()

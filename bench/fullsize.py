@@ -122,7 +122,7 @@ def build_pipeline(device: str = "cpu", dtype: Any = None, seed: int = 0) -> Any
             CLIPTextConfig(**text_config(vocab["<|startoftext|>"], vocab["<|endoftext|>"]))
         )
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
-    pipe = StableDiffusionPipeline(
+    pipe: Any = StableDiffusionPipeline(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,

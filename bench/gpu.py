@@ -115,7 +115,7 @@ class Bench:
         return time.perf_counter() - self.started
 
     def over_budget(self) -> bool:
-        return self.elapsed() > self.args.time_budget_s
+        return bool(self.elapsed() > self.args.time_budget_s)
 
     def save(self) -> None:
         self.out["elapsed_s"] = round(self.elapsed(), 2)
@@ -248,7 +248,7 @@ class Bench:
             return
         batch = min(batches)
         requests = self.requests(batch)
-        diffs = []
+        diffs: list[dict[str, Any]] = []
         for index, request in enumerate(requests):
             single = self.outputs.get(("sdpa", 1)) if index == 0 else None
             if single is None:

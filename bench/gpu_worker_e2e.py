@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from statistics import median
@@ -65,15 +66,12 @@ def compare_loads(model: Path, device: str, dtype_name: str, repeats: int) -> di
     import torch
     from diffusers import StableDiffusionPipeline
 
+    from_pretrained: Any = StableDiffusionPipeline.from_pretrained
     dtype = getattr(torch, dtype_name)
     common = {"dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
-    ways = {
-        "production: from_pretrained then .to(device)": lambda: StableDiffusionPipeline.from_pretrained(
-            model, **common
-        ).to(device),
-        "from_pretrained(device_map=device)": lambda: StableDiffusionPipeline.from_pretrained(
-            model, device_map=device, **common
-        ),
+    ways: dict[str, Callable[[], Any]] = {
+        "production: from_pretrained then .to(device)": lambda: from_pretrained(model, **common).to(device),
+        "from_pretrained(device_map=device)": lambda: from_pretrained(model, device_map=device, **common),
     }
     samples: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(repeats):
@@ -111,9 +109,10 @@ def run_jobs(settings: Any, engine: Any, requests: list[Any]) -> dict[str, Any]:
     run_worker(settings, engine=engine, burst=True)
     wall = time.perf_counter() - started
     views = [producer.status(job_id) for job_id in ids]
-    finished = [v for v in views if v.status is Status.FINISHED]
-    latency = [(v.finished_at - v.created_at).total_seconds() for v in finished]
-    service = [(v.finished_at - v.started_at).total_seconds() for v in finished]
+    finished = [v for v in views if v.status is Status.FINISHED and v.finished_at and v.started_at]
+    # Filtered above: every finished view has both timestamps.
+    latency = [(v.finished_at - v.created_at).total_seconds() for v in finished if v.created_at]  # type: ignore[operator]
+    service = [(v.finished_at - v.started_at).total_seconds() for v in finished]  # type: ignore[operator]
     images = sum(len(v.images) for v in finished)
 
     def stage(name: str) -> float:
@@ -139,11 +138,12 @@ def check_pngs(store_root: Path, keys: list[str], size: int) -> dict[str, Any]:
     """The stored PNGs open, have the requested size, and are not black."""
     from PIL import Image
 
-    checked = []
+    checked: list[dict[str, Any]] = []
     for key in keys:
         with Image.open(store_root / key) as image:
             rgb = image.convert("RGB")
-            checked.append({"key": key, "size": rgb.size, "max": max(hi for _, hi in rgb.getextrema())})
+            extrema: Any = rgb.getextrema()
+            checked.append({"key": key, "size": rgb.size, "max": max(hi for _, hi in extrema)})
     ok = all(c["size"] == (size, size) and c["max"] > 0 for c in checked)
     return {"pngs": checked, "pass": ok}
 
