@@ -53,16 +53,26 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        self._launch(redis.Redis(port=self.port, socket_connect_timeout=0.5))
+
+    def start_tls(self, ca_cert: Path) -> None:
+        """Start a server whose extra arguments open a TLS port (self.port); RuntimeError if it can't."""
+        self._launch(
+            redis.Redis(port=self.port, ssl=True, ssl_ca_certs=str(ca_cert), socket_connect_timeout=0.5)
+        )
+
+    def _launch(self, client: redis.Redis) -> None:
         args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir)]
         args += ["--save", "", "--appendonly", "no", *self.extra]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + 10
         while True:
             try:
                 client.ping()
                 return
             except redis.ConnectionError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"redis-server exited with {self.proc.returncode}") from None
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
@@ -156,7 +166,12 @@ def tiny_engine(tiny_model_dir: Path) -> Any:
 def settings_env(settings: Settings) -> dict[str, str]:
     """The SDQ_* environment that makes a child process see SETTINGS."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SDQ_")}
-    for name, value in settings.model_dump().items():
+    from pydantic import SecretStr
+
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
         if value is not None:
             env[f"SDQ_{name.upper()}"] = str(value)
     return env
