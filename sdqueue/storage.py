@@ -107,8 +107,10 @@ class S3Store:
         self.prefix = prefix
         self.presign_expiry_s = presign_expiry_s
         # Path-style addressing works everywhere custom endpoints are used (MinIO has no
-        # virtual-host DNS); boto3's own retries cover throttling and transient 5xx.
+        # virtual-host DNS); boto3's own retries cover throttling and transient 5xx. SigV4, since
+        # boto3 may otherwise presign with SigV2, which AWS S3 refuses in most regions.
         config = Config(
+            signature_version="s3v4",
             s3={"addressing_style": "path"} if endpoint_url else {},
             retries={"max_attempts": 5, "mode": "standard"},
             connect_timeout=5,
