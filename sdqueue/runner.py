@@ -11,6 +11,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -20,7 +21,7 @@ from .config import Settings
 from .engine import Engine, RenderItem
 from .errors import InvalidRequest, OutOfMemory, Preempted
 from .images import PNG_CONTENT_TYPE, encode_png
-from .jobs import image_key, parse_request
+from .jobs import GenerationRequest, image_key, parse_request
 from .storage import Store
 
 if TYPE_CHECKING:
@@ -30,6 +31,15 @@ logger = logging.getLogger(__name__)
 
 AbortCheck = Callable[[int, int, float], bool]
 """(steps done, total steps, seconds rendering so far) -> must the render stop now?"""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated job, ready to render: its request and when it started and was enqueued."""
+
+    request: GenerationRequest
+    started: float
+    enqueued: float
 
 
 class JobRunner:
@@ -42,6 +52,12 @@ class JobRunner:
         self.should_abort: AbortCheck = lambda step, total, elapsed: False
 
     def run(self, job: Job) -> dict[str, Any]:
+        prepared = self.prepare(job)
+        items = [RenderItem(prepared.request, index) for index in range(prepared.request.num_images)]
+        return self.finish(job, prepared, self.render(items, self.on_step(job)))
+
+    def prepare(self, job: Job) -> Prepared:
+        """Validate the job's request (Redis is a trust boundary too) and mark the attempt."""
         meta = job.meta
         meta["attempts"] = int(meta.get("attempts", 0)) + 1
         meta.pop("error", None)
@@ -49,13 +65,16 @@ class JobRunner:
         enqueued = job.enqueued_at.timestamp() if job.enqueued_at else started
         if len(job.args) != 1 or job.kwargs:
             raise InvalidRequest("request", "a render job takes exactly one request object")
-        request = parse_request(job.args[0])  # Redis is a trust boundary too
+        request = parse_request(job.args[0])
         meta["warnings"] = self.engine.prompt_warnings(request)
         meta["progress"] = {"step": 0, "total_steps": request.steps}
         job.save_meta()
+        return Prepared(request, started, enqueued)
 
+    def finish(self, job: Job, prepared: Prepared, images: Sequence[Image]) -> dict[str, Any]:
+        """Encode and store the job's PNGs, then write the results into its meta."""
+        request, meta = prepared.request, job.meta
         items = [RenderItem(request, index) for index in range(request.num_images)]
-        images = self.render(items, self._on_step(job, time.monotonic()))
         rendered = time.time()
         for image in images:
             meta["warnings"].extend(image.info.get("warnings", []))
@@ -78,8 +97,8 @@ class JobRunner:
         meta["images"] = refs
         meta["progress"] = {"step": request.steps, "total_steps": request.steps}
         meta["timings"] = {
-            "queue_wait_s": round(max(0.0, started - enqueued), 4),
-            "render_s": round(rendered - started, 4),
+            "queue_wait_s": round(max(0.0, prepared.started - prepared.enqueued), 4),
+            "render_s": round(rendered - prepared.started, 4),
             "encode_s": round(encoded - rendered, 4),
             "upload_s": round(uploaded - encoded, 4),
         }
@@ -100,7 +119,9 @@ class JobRunner:
             )
             return self.render(items[:half], on_step) + self.render(items[half:], on_step)
 
-    def _on_step(self, job: Job, render_started: float) -> Callable[[int, int], None]:
+    def on_step(self, job: Job) -> Callable[[int, int], None]:
+        """Progress writer for JOB's render, which also stops it when the worker must shut down."""
+        render_started = time.monotonic()
         interval = self.settings.progress_interval_s
         last = [0.0]
 

@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -26,6 +27,7 @@ from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
+from . import batching
 from .config import Settings
 from .engine import Engine
 from .errors import ForeignJob, Preempted, SdqError
@@ -47,12 +49,16 @@ class RenderJob(Job):
     """rq's Job, locked down: runs sdqueue's render and nothing named in Redis."""
 
     runner: JobRunner | None = None
+    batch: Callable[[], Any] | None = None
+    """Set by SdqWorker when followers ride along: renders them all and returns this job's result."""
 
     def _execute(self) -> Any:
         if self.func_name != RENDER_FUNC:
             raise ForeignJob(f"refused job naming {self.func_name!r}: this worker runs only {RENDER_FUNC}")
         if self.runner is None:
             raise ForeignJob("no engine: RenderJob must be run by SdqWorker")
+        if self.batch is not None:
+            return self.batch()
         return self.runner.run(self)
 
     # Callbacks and rq webhooks are named in Redis: importing or calling them is what we refuse.
@@ -100,12 +106,35 @@ class SdqWorker(SimpleWorker):
         job.runner = self.runner  # type: ignore[attr-defined]
         if self.runner is not None:
             self.runner.should_abort = self._should_abort
-        heartbeat = Heartbeat(lambda: self.maintain_heartbeats(job), self.settings.heartbeat_interval_s)
+        followers = self._claim_followers(job, queue)
+        job.batch = None  # type: ignore[attr-defined]
+        if followers and self.runner is not None:
+            runner = self.runner
+            job.batch = lambda: batching.run_batch(runner, job, followers, self, queue)  # type: ignore[attr-defined]
+            # rq times the batch against the lead's own timeout, so a hung render is stopped when
+            # its lead's time is up (timeouts carry a wide margin: 1 s per 512x512 step); the
+            # followers then go back to the front of the queue, uncharged (batching.run_batch).
+
+        def beat() -> None:
+            self.maintain_heartbeats(job)
+            batching.heartbeat(self, followers)
+
+        heartbeat = Heartbeat(beat, self.settings.heartbeat_interval_s)
         heartbeat.start()
         try:
             return bool(super().perform_job(job, queue))
         finally:
             heartbeat.stop()
+            job.batch = None  # type: ignore[attr-defined]
+
+    def _claim_followers(self, job: Job, queue: Queue) -> list[batching.Follower]:
+        if self.settings.max_batch <= 1 or self._stop_deadline is not None:
+            return []
+        try:
+            return batching.claim_followers(self, job, queue, self.settings.max_batch)
+        except Exception:  # batching is an optimisation: the lead runs alone rather than not at all
+            logger.warning("could not claim followers for job %s", job.id, exc_info=True)
+            return []
 
     # --- shutdown: stop taking jobs; finish the running one if it fits in the grace, else requeue ---
 
