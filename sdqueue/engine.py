@@ -148,8 +148,13 @@ class DiffusersEngine:
         return engine
 
     def warm_up(self) -> None:
-        """One small render so the first job doesn't pay for lazy initialisation."""
-        request = GenerationRequest(prompt="warm-up", steps=1, width=64, height=64, seed=0)
+        """One render before the first job, so it doesn't pay for lazy initialisation.
+
+        On CUDA at the default 512x512: a 64x64 warm-up left the first real job +0.5 s slower on
+        an H200 (cuDNN algorithm choice and allocator growth are per shape; docs/benchmarks.md).
+        On CPU at 64x64, where one 512x512 step takes seconds."""
+        size = 512 if self.device == "cuda" else 64
+        request = GenerationRequest(prompt="warm-up", steps=2, width=size, height=size, seed=0)
         self.render([RenderItem(request, 0)])
 
     def prompt_warnings(self, request: GenerationRequest) -> list[str]:
