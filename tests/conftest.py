@@ -53,12 +53,18 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self._launch(redis.Redis(port=self.port, socket_connect_timeout=0.5))
+        self._launch(redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5))
 
     def start_tls(self, ca_cert: Path) -> None:
         """Start a server whose extra arguments open a TLS port (self.port); RuntimeError if it can't."""
         self._launch(
-            redis.Redis(port=self.port, ssl=True, ssl_ca_certs=str(ca_cert), socket_connect_timeout=0.5)
+            redis.Redis(
+                host="127.0.0.1",
+                port=self.port,
+                ssl=True,
+                ssl_ca_certs=str(ca_cert),
+                socket_connect_timeout=0.5,
+            )
         )
 
     def _launch(self, client: redis.Redis) -> None:
@@ -70,6 +76,8 @@ class RedisProcess:
             try:
                 client.ping()
                 return
+            except redis.AuthenticationError:
+                return  # up, and asking for the password it was started with
             except redis.ConnectionError:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"redis-server exited with {self.proc.returncode}") from None
@@ -143,6 +151,8 @@ def make_settings(redis_url: str, tiny_model_dir: Path, tmp_path: Path) -> Calla
             "device": "cpu",
             "retry_interval_s": 0,
             "progress_interval_s": 0,
+            # Test boxes are shared and slow: the default job timeout would fire under load.
+            "job_timeout_per_step_s": 30.0,
         }
         values.update(overrides)
         return Settings(**values)
