@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from rq.utils import now
 from .engine import RenderItem, batch_key
 from .errors import Preempted
 from .jobs import RENDER_FUNC, GenerationRequest, parse_request
+from .stage import Deferred
 
 if TYPE_CHECKING:
     from redis.client import Pipeline
@@ -125,13 +127,18 @@ def _claim(worker: SdqWorker, queue: Queue, job: Job) -> Execution | None:
 
 def heartbeat(worker: SdqWorker, followers: Sequence[Follower]) -> None:
     """Renew the followers' leases, as rq's maintain_heartbeats does for the lead."""
-    if not followers:
+    renew(worker, [(f.job, f.execution) for f in followers])
+
+
+def renew(worker: SdqWorker, leases: Sequence[tuple[Job, Execution]]) -> None:
+    """Renew the leases of started jobs this worker holds outside rq's own bookkeeping."""
+    if not leases:
         return
     with worker.connection.pipeline() as pipe:
-        for follower in followers:
-            ttl = worker.get_heartbeat_ttl(follower.job)
-            follower.execution.heartbeat(follower.job.started_job_registry, ttl, pipeline=pipe)
-            follower.job.heartbeat(now(), ttl, pipeline=pipe, xx=True)
+        for job, execution in leases:
+            ttl = worker.get_heartbeat_ttl(job)
+            execution.heartbeat(job.started_job_registry, ttl, pipeline=pipe)
+            job.heartbeat(now(), ttl, pipeline=pipe, xx=True)
         pipe.execute()
 
 
@@ -245,6 +252,22 @@ def run_batch(
             "batched render of %d jobs failed; rendering them one by one", len(jobs), exc_info=True
         )
         images = None
+
+    if images is not None and runner.defer:
+        rendered_at = time.time()
+        done = images
+
+        def finish_all() -> Any:  # on the stage: the followers settle, then the lead's result
+            for index, follower in enumerate(followers, start=1):
+                try:
+                    result = runner.finish(follower.job, prepared[index], done[index], rendered_at)
+                except Exception:
+                    fail(worker, follower.job, queue, follower.execution, sys.exc_info())
+                else:
+                    complete(worker, follower.job, queue, follower.execution, result)
+            return runner.finish(lead, prepared[0], done[0], rendered_at)
+
+        return Deferred(finish_all, [(f.job, f.execution) for f in followers])
 
     for index, follower in enumerate(followers, start=1):
         try:

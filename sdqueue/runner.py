@@ -22,6 +22,7 @@ from .engine import Engine, RenderItem
 from .errors import InvalidRequest, OutOfMemory, Preempted
 from .images import PNG_CONTENT_TYPE, encode_png
 from .jobs import GenerationRequest, image_key, parse_request
+from .stage import Deferred
 from .storage import Store
 
 if TYPE_CHECKING:
@@ -50,11 +51,17 @@ class JobRunner:
         self.engine = engine
         self.store = store
         self.should_abort: AbortCheck = lambda step, total, elapsed: False
+        self.defer = settings.pipeline
+        """Return the encode-and-store work as a Deferred for the worker's stage, not run it."""
 
-    def run(self, job: Job) -> dict[str, Any]:
+    def run(self, job: Job) -> dict[str, Any] | Deferred:
         prepared = self.prepare(job)
         items = [RenderItem(prepared.request, index) for index in range(prepared.request.num_images)]
-        return self.finish(job, prepared, self.render(items, self.on_step(job)))
+        images = self.render(items, self.on_step(job))
+        rendered_at = time.time()
+        if self.defer:
+            return Deferred(lambda: self.finish(job, prepared, images, rendered_at))
+        return self.finish(job, prepared, images, rendered_at)
 
     def prepare(self, job: Job) -> Prepared:
         """Validate the job's request (Redis is a trust boundary too) and mark the attempt."""
@@ -71,11 +78,13 @@ class JobRunner:
         job.save_meta()
         return Prepared(request, started, enqueued)
 
-    def finish(self, job: Job, prepared: Prepared, images: Sequence[Image]) -> dict[str, Any]:
+    def finish(
+        self, job: Job, prepared: Prepared, images: Sequence[Image], rendered_at: float | None = None
+    ) -> dict[str, Any]:
         """Encode and store the job's PNGs, then write the results into its meta."""
         request, meta = prepared.request, job.meta
         items = [RenderItem(request, index) for index in range(request.num_images)]
-        rendered = time.time()
+        rendered = rendered_at or time.time()
         for image in images:
             meta["warnings"].extend(image.info.get("warnings", []))
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from types import FrameType
 from typing import Any
 
@@ -35,6 +37,7 @@ from .housekeeping import Heartbeat, Housekeeper
 from .jobs import RENDER_FUNC
 from .producer import connect
 from .runner import JobRunner
+from .stage import Deferred, Stage
 from .storage import open_store
 
 logger = logging.getLogger(__name__)
@@ -95,6 +98,7 @@ class SdqWorker(SimpleWorker):
         self._stop_deadline: float | None = None
         self._abort_now = False
         self._preempted_job_id: str | None = None
+        self._stage: Stage | None = None
         self.push_exc_handler(self._record_failure)  # type: ignore[no-untyped-call]
 
     # --- leases: a short TTL renewed by a thread, instead of rq's job_timeout + 60 s ---
@@ -193,8 +197,42 @@ class SdqWorker(SimpleWorker):
             pipe.execute()
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any) -> None:
+        deferred = job._result
+        if isinstance(deferred, Deferred):
+            # Pipelined: rendered, not stored. The stage stores and settles it with this
+            # execution while the main thread goes on to the next job.
+            execution, self.execution = self.execution, None
+            self.set_current_job_id(None)
+            self.stage.submit(partial(self._settle, job, queue, execution, deferred))
+            return
         super().handle_job_success(job, queue, started_job_registry)
         self._job_ended(job)
+
+    @property
+    def stage(self) -> Stage:
+        if self._stage is None:  # lazily: rq also builds worker objects just to look them up
+            self._stage = Stage()
+        return self._stage
+
+    def _settle(self, job: Job, queue: Queue, execution: Any, deferred: Deferred) -> None:
+        """On the stage: store the job's PNGs under a renewed lease, then finish or fail it."""
+        leases = [(job, execution), *deferred.leases]
+        heartbeat = Heartbeat(lambda: batching.renew(self, leases), self.settings.heartbeat_interval_s)
+        heartbeat.start()
+        try:
+            result = deferred.finish()
+        except Exception:
+            batching.fail(self, job, queue, execution, sys.exc_info())
+        else:
+            batching.complete(self, job, queue, execution, result)
+        finally:
+            heartbeat.stop()
+
+    def teardown(self) -> None:
+        if self._stage is not None:  # every rendered job is stored before the worker says goodbye
+            self._stage.close()
+            self._stage = None
+        super().teardown()  # type: ignore[no-untyped-call]
 
     def handle_job_failure(
         self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = ""
@@ -229,7 +267,12 @@ class SdqWorker(SimpleWorker):
         # take the worker down with it, so fail that entry and keep listening.
         while True:
             try:
-                return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+                result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+                if result is None and self._stage is not None and self._stage.busy():
+                    # About to stop (burst, idle): the stage may still requeue a retry; look again.
+                    self._stage.drain()
+                    continue
+                return result
             except Exception as exc:
                 job_id = getattr(exc, "job_id", None)
                 queue = getattr(exc, "queue", None)
