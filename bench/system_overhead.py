@@ -15,7 +15,7 @@ keeps; the goal is >= 0.97 with the GPU stand-in at 300 ms per render. Two engin
 
 ``--mode`` names the worker variant (settings applied to the worker): ``sequential`` (one job per
 engine call, everything on the render path: the baseline), ``pipelined`` (encode, upload and
-status on the background stage: production's default) or ``batchB`` (cross-job batching,
+status on the background stage, ``SDQ_PIPELINE=true``) or ``batchB`` (cross-job batching,
 ``max_batch`` = B); ``--set KEY=VALUE`` sets any other worker setting.
 
     python bench/system_overhead.py                       # both engines, 20 jobs each

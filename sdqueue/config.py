@@ -92,9 +92,11 @@ class Settings(BaseSettings):
     """How long a failed job stays in Redis for inspection."""
     progress_interval_s: float = Field(default=0.5, ge=0)
     """Minimum time between two progress writes to Redis from the step callback."""
-    pipeline: bool = True
-    """Encode, upload and write the status of job k on a background stage while job k+1 renders
-    (false: all on the render path, the sequential baseline of bench/system_overhead.py)."""
+    pipeline: bool = False
+    """Encode, upload and write the status of job k on a background stage while job k+1 renders.
+    Off by default: measured on an H200 (docs/benchmarks.md), the stage's Python competes with
+    the render loop for the GIL and slowed launch-bound batch-1 renders by ~25 %, for +3 % at
+    batch 4. It wins where the render leaves the CPU idle (the stand-in: 0.934 -> 1.065)."""
     max_batch: int = Field(default=4, ge=1, le=64)
     """Most images per pipeline call: a worker renders the job it took together with compatible
     jobs already waiting (same size, steps, scheduler, guidance). 1 turns batching off. A batch

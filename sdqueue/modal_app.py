@@ -92,6 +92,7 @@ WORKER_PACKAGES = [
     "boto3==1.44.8",
     "rq==2.12.0",
     "redis==8.1.0",
+    "hiredis==3.5.0",
     "pydantic==2.14.4",
     "pydantic-settings==2.16.3",
     "prometheus-client==0.26.0",
@@ -143,6 +144,7 @@ gpu_image = (
 SCALER_PACKAGES = [
     "rq==2.12.0",
     "redis==8.1.0",
+    "hiredis==3.5.0",
     "pydantic==2.14.4",
     "pydantic-settings==2.16.3",
 ]
