@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from sdqueue.engine import RenderItem, StepCallback, batch_key
+from sdqueue.engine import RenderItem, StepCallback, batch_request
 from sdqueue.jobs import GenerationRequest
 
 if TYPE_CHECKING:
@@ -55,9 +55,7 @@ class StandinEngine:
     def render(self, items: Sequence[RenderItem], on_step: StepCallback | None = None) -> list[Image]:
         if not items:
             return []
-        first = items[0].request
-        if any(batch_key(item.request) != batch_key(first) for item in items):
-            raise ValueError("items in one render call must share size, steps, scheduler and guidance")
+        first = batch_request(items)
         self.calls += 1
         pool = self._images(first.width, first.height)
         total_s = self.render_s + self.extra_image_s * (len(items) - 1)

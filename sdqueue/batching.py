@@ -32,6 +32,7 @@ from rq.utils import now
 
 from .engine import RenderItem, batch_key
 from .errors import Preempted
+from .housekeeping import requeue_at_front
 from .jobs import RENDER_FUNC, GenerationRequest, parse_request
 from .stage import Deferred
 
@@ -204,13 +205,8 @@ def requeue_front(worker: SdqWorker, followers: Sequence[Follower], queue: Queue
     """Shutdown mid-batch: the followers go back to the head of the queue, untouched by the try."""
     with worker.connection.pipeline() as pipe:
         for follower in reversed(followers):  # pushed at the front one by one: keep their order
-            job = follower.job
-            follower.execution.delete(job=job, pipeline=pipe)
-            job.meta.pop("error", None)
-            job.meta["progress"] = {"step": 0, "total_steps": follower.request.steps}
-            job.set_status(JobStatus.QUEUED, pipeline=pipe)
-            job.save(pipeline=pipe)
-            queue.push_job_id(job.id, pipeline=pipe, at_front=True)
+            follower.execution.delete(job=follower.job, pipeline=pipe)
+            requeue_at_front(follower.job, queue, pipe)
         pipe.execute()
 
 

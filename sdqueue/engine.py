@@ -45,6 +45,14 @@ def batch_key(request: GenerationRequest) -> tuple[object, ...]:
     return (request.width, request.height, request.steps, request.scheduler, request.guidance_scale)
 
 
+def batch_request(items: Sequence[RenderItem]) -> GenerationRequest:
+    """The request that shapes a render call of ITEMS; ValueError unless they share a batch_key."""
+    first = items[0].request
+    if any(batch_key(item.request) != batch_key(first) for item in items):
+        raise ValueError("items in one render call must share size, steps, scheduler and guidance")
+    return first
+
+
 class Engine(Protocol):
     """What the worker needs from a renderer (tests and benchmarks pass stand-ins)."""
 
@@ -179,9 +187,7 @@ class DiffusersEngine:
 
         if not items:
             return []
-        first = items[0].request
-        if any(batch_key(item.request) != batch_key(first) for item in items):
-            raise ValueError("items in one render call must share size, steps, scheduler and guidance")
+        first = batch_request(items)
         self.pipe.scheduler = self._schedulers[first.scheduler]
         # CPU generators: the same seed gives the same starting noise on any device.
         generators = [torch.Generator("cpu").manual_seed(item.seed) for item in items]

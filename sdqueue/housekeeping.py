@@ -96,9 +96,7 @@ class Housekeeper(_Ticker):
             with self.connection.pipeline() as pipe:
                 if job.retries_left:
                     job.retries_left -= 1
-                    job.set_status(JobStatus.QUEUED, pipeline=pipe)
-                    job.save(pipeline=pipe)
-                    self.queue.push_job_id(job.id, pipeline=pipe, at_front=True)
+                    requeue_at_front(job, self.queue, pipe)
                     requeued.append(job.id)
                     logger.warning("job %s lost its worker; requeued at the front", job.id)
                 else:
@@ -128,6 +126,17 @@ class Housekeeper(_Ticker):
                 registry.remove(job_id, pipeline=pipe)
             pipe.execute()
         return len(job_ids)
+
+
+def requeue_at_front(job: Job, queue: Queue, pipe: Any) -> None:
+    """Back to the head of the queue as if never started (its execution must be cleaned up by
+    the caller): status queued, progress from zero, no stale error."""
+    job.meta.pop("error", None)
+    total = job.meta.get("progress", {}).get("total_steps", 0)
+    job.meta["progress"] = {"step": 0, "total_steps": total}
+    job.set_status(JobStatus.QUEUED, pipeline=pipe)
+    job.save(pipeline=pipe)
+    queue.push_job_id(job.id, pipeline=pipe, at_front=True)
 
 
 def stop_all(*tickers: Any) -> None:

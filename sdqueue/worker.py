@@ -24,7 +24,7 @@ from types import FrameType
 from typing import Any
 
 from rq import SimpleWorker
-from rq.job import Job, JobStatus
+from rq.job import Job
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
@@ -33,7 +33,7 @@ from . import batching
 from .config import Settings
 from .engine import Engine
 from .errors import ForeignJob, Preempted, SdqError
-from .housekeeping import Heartbeat, Housekeeper
+from .housekeeping import Heartbeat, Housekeeper, requeue_at_front
 from .jobs import RENDER_FUNC
 from .producer import connect
 from .runner import JobRunner
@@ -186,14 +186,7 @@ class SdqWorker(SimpleWorker):
     def _requeue_front(self, job: Job, queue: Queue) -> None:
         with self.connection.pipeline() as pipe:
             self.cleanup_execution(job, pipeline=pipe)
-            job.meta.pop("error", None)
-            job.meta["progress"] = {
-                "step": 0,
-                "total_steps": job.meta.get("progress", {}).get("total_steps", 0),
-            }
-            job.set_status(JobStatus.QUEUED, pipeline=pipe)
-            job.save(pipeline=pipe)
-            queue.push_job_id(job.id, pipeline=pipe, at_front=True)
+            requeue_at_front(job, queue, pipe)
             pipe.execute()
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any) -> None:
