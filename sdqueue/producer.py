@@ -9,16 +9,16 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from rq import Queue, Retry
-from rq.exceptions import DeserializationError, DuplicateJobError, NoSuchJobError
+from rq.exceptions import DuplicateJobError, NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from . import rqhash
 from .config import Settings
 from .errors import InvalidRequest, JobConflict, JobNotFound, ServiceUnavailable
 from .jobs import (
@@ -59,6 +59,19 @@ def connect(settings: Settings, *, socket_timeout_s: float | None = 10.0) -> red
     )
 
 
+def connect_async(settings: Settings) -> redis.asyncio.Redis:
+    """connect()'s asyncio twin, for the API's status reads; use it from the event loop it serves."""
+    import redis.asyncio
+
+    return redis.asyncio.Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=5,
+        socket_timeout=10.0,
+        health_check_interval=30,
+        retry_on_timeout=True,
+    )
+
+
 @contextmanager
 def redis_errors(settings: Settings) -> Iterator[None]:
     """Turn a Redis outage into ServiceUnavailable naming the (redacted) URL."""
@@ -76,63 +89,66 @@ class Producer:
         self.redis = connection if connection is not None else connect(settings)
         self.queue = Queue(settings.queue, connection=self.redis, serializer=JSONSerializer)
 
-    def _job_options(self, request: GenerationRequest, webhook_url: str | None = None) -> dict[str, Any]:
+    def _shared_options(self) -> dict[str, Any]:
+        """The rq options every job gets, whatever its request."""
         s = self.settings
-        meta: dict[str, Any] = {"progress": {"step": 0, "total_steps": request.steps}}
-        if webhook_url is not None:
-            meta["webhook"] = {"url": check_webhook_url(webhook_url)}
         return {
-            "timeout": request.timeout_s(s.job_timeout_base_s, s.job_timeout_per_step_s),
             "result_ttl": s.result_ttl_s,
             "failure_ttl": s.failure_ttl_s,
             "retry": Retry(max=s.max_retries, interval=s.retry_interval_s) if s.max_retries else None,
-            "description": request.prompt[:80],
-            "meta": meta,
         }
+
+    def _new_job(
+        self, request: GenerationRequest, job_id: str | None, webhook_url: str | None
+    ) -> rqhash.NewJob:
+        """REQUEST (with its seed chosen) as the job that will carry it."""
+        s = self.settings
+        request = request.with_seed()
+        meta: dict[str, Any] = {"progress": {"step": 0, "total_steps": request.steps}}
+        if webhook_url is not None:
+            meta["webhook"] = {"url": check_webhook_url(webhook_url)}
+        return rqhash.NewJob(
+            id=check_job_id(job_id) if job_id is not None else uuid.uuid4().hex,
+            args=(request.model_dump(mode="json"),),
+            timeout=request.timeout_s(s.job_timeout_base_s, s.job_timeout_per_step_s),
+            description=request.prompt[:80],
+            meta=meta,
+        )
 
     def enqueue(
         self, request: GenerationRequest, job_id: str | None = None, webhook_url: str | None = None
     ) -> JobView:
         """Queue one request; a caller-chosen id that already exists is refused, never overwritten.
         With WEBHOOK_URL, the worker POSTs the job's status there when it ends."""
-        request = request.with_seed()
-        job_id = check_job_id(job_id) if job_id is not None else uuid.uuid4().hex
-        options = self._job_options(request, webhook_url)
+        new = self._new_job(request, job_id, webhook_url)
         with redis_errors(self.settings):
             try:
                 job = self.queue.enqueue(
                     RENDER_FUNC,
-                    args=(request.model_dump(mode="json"),),
-                    job_id=job_id,
+                    args=new.args,
+                    job_id=new.id,
                     unique=True,
-                    job_timeout=options.pop("timeout"),
-                    **options,
+                    job_timeout=new.timeout,
+                    description=new.description,
+                    meta=new.meta,
+                    **self._shared_options(),
                 )
             except DuplicateJobError:
-                raise JobConflict(f"job id {job_id!r} already exists") from None
-        return self._view(job)
+                raise JobConflict(f"job id {new.id!r} already exists") from None
+        return view_of(rqhash.JobRecord.of(job))
 
     def enqueue_many(
         self, requests: Sequence[GenerationRequest], webhook_urls: Sequence[str | None] | None = None
     ) -> list[str]:
-        """Queue many requests in one pipelined round trip; returns their ids in order.
+        """Queue many requests in one MULTI/EXEC round trip (no worker sees half a batch); returns their
+        ids in order.
         WEBHOOK_URLS, when given, holds one URL (or None) per request."""
         urls = list(webhook_urls) if webhook_urls is not None else [None] * len(requests)
         if len(urls) != len(requests):
             raise ValueError(f"{len(urls)} webhook URLs for {len(requests)} requests")
-        datas = []
-        for request, url in zip(requests, urls, strict=True):
-            request = request.with_seed()
-            datas.append(
-                Queue.prepare_data(
-                    RENDER_FUNC,
-                    args=(request.model_dump(mode="json"),),
-                    job_id=uuid.uuid4().hex,
-                    **self._job_options(request, url),
-                )
-            )
+        jobs = [self._new_job(request, None, url) for request, url in zip(requests, urls, strict=True)]
         with redis_errors(self.settings), self.redis.pipeline() as pipe:
-            jobs = self.queue.enqueue_many(datas, pipeline=pipe)
+            rqhash.write_jobs(pipe, self.queue, RENDER_FUNC, jobs, **self._shared_options())
             pipe.execute()
         return [job.id for job in jobs]
 
@@ -145,11 +161,21 @@ class Producer:
             except NoSuchJobError:
                 raise JobNotFound(job_id) from None
 
+    def record(self, job_id: str) -> rqhash.JobRecord:
+        """What a status read needs of the job, in one HMGET; JobNotFound for unknown or expired ids."""
+        key = status_key(job_id)
+        with redis_errors(self.settings):
+            values = self.redis.hmget(key, rqhash.RECORD_FIELDS)
+        return found(job_id, values)
+
     def status(self, job_id: str) -> JobView:
         """The job as readers see it; JobNotFound for unknown or expired ids."""
+        record = self.record(job_id)
+        if not needs_last_failure(record):
+            return view_of(record)
         job = self.fetch_job(job_id)
         with redis_errors(self.settings):
-            return self._view(job)
+            return view_of(record, _last_line_of_failure(job))
 
     def cancel(self, job_id: str) -> JobView:
         """Cancel a queued job so it is never rendered; JobConflict once a worker has it."""
@@ -183,33 +209,49 @@ class Producer:
                 return view
             time.sleep(POLL_INTERVAL_S)
 
-    def _view(self, job: Job) -> JobView:
-        meta = job.meta or {}
-        status = status_from_rq(job.get_status(refresh=False))
-        try:
-            request = job.args[0] if job.args and isinstance(job.args[0], dict) else {}
-        except DeserializationError:
-            request = {}
-        error = meta.get("error")
-        if status is Status.FAILED and not error:
-            error = _last_line_of_failure(job)
-        return JobView(
-            id=job.id,
-            status=status,
-            progress=Progress(**meta.get("progress", {})),
-            request=request,
-            images=[ImageRef(**image) for image in meta.get("images", [])]
-            if status is Status.FINISHED
-            else [],
-            error=error if status is Status.FAILED else None,
-            warnings=list(meta.get("warnings", [])),
-            attempts=int(meta.get("attempts", 0)),
-            created_at=_utc(job.created_at),
-            started_at=_utc(job.started_at),
-            finished_at=_utc(job.ended_at) if status.is_terminal() else None,
-            timings=Timings(**meta.get("timings", {})),
-            webhook=WebhookDelivery(**meta["webhook"]) if meta.get("webhook") else None,
-        )
+
+def status_key(job_id: str) -> str:
+    """The hash a status read HMGETs (rqhash.RECORD_FIELDS); JobNotFound for ids no job can have."""
+    if not _looks_like_id(job_id):
+        raise JobNotFound(job_id)
+    return Job.key_for(job_id)
+
+
+def found(job_id: str, values: Sequence[bytes | str | None]) -> rqhash.JobRecord:
+    """The record in VALUES, read from status_key(JOB_ID); JobNotFound when the hash isn't there."""
+    record = rqhash.read_record(job_id, values)
+    if record is None:
+        raise JobNotFound(job_id)
+    return record
+
+
+def needs_last_failure(record: rqhash.JobRecord) -> bool:
+    """Whether the job failed without saying why in its meta (a crash, a timeout, a poison job):
+    then the reason is the last line of rq's own record of the failure, a second read."""
+    return status_from_rq(record.status) is Status.FAILED and not record.meta.get("error")
+
+
+def view_of(record: rqhash.JobRecord, last_failure: str | None = None) -> JobView:
+    """The job as readers see it; LAST_FAILURE explains a failure its meta doesn't."""
+    meta = record.meta
+    status = status_from_rq(record.status)
+    request = record.args[0] if record.args and isinstance(record.args[0], dict) else {}
+    error = meta.get("error") or last_failure
+    return JobView(
+        id=record.id,
+        status=status,
+        progress=Progress(**meta.get("progress", {})),
+        request=request,
+        images=[ImageRef(**image) for image in meta.get("images", [])] if status is Status.FINISHED else [],
+        error=error if status is Status.FAILED else None,
+        warnings=list(meta.get("warnings", [])),
+        attempts=int(meta.get("attempts", 0)),
+        created_at=record.created_at,
+        started_at=record.started_at,
+        finished_at=record.ended_at if status.is_terminal() else None,
+        timings=Timings(**meta.get("timings", {})),
+        webhook=WebhookDelivery(**meta["webhook"]) if meta.get("webhook") else None,
+    )
 
 
 def parse_request_or_raise(data: object, where: str = "") -> GenerationRequest:
@@ -234,9 +276,3 @@ def _last_line_of_failure(job: Job) -> str | None:
     result = job.latest_result()
     text = (result.exc_string or "").strip() if result is not None else ""
     return text.splitlines()[-1] if text else None
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
