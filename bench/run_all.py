@@ -1,4 +1,4 @@
-"""Run the CPU benchmarks in sequence (`make bench`): about 10 minutes on 2 cores.
+"""Run the CPU benchmarks in sequence (`make bench`): about 12 minutes on 2 cores.
 
 Each script prints its own figures, hardware line and ratios; the JSON of each run goes to
 .bench-cache/results/DATE/. The GPU scripts (bench/gpu.py, bench/gpu_worker_e2e.py) run here only
@@ -25,13 +25,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="fewer jobs and repeats (~4 minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer jobs and repeats (~5 minutes)")
     args = parser.parse_args()
     out = RESULTS / dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
     repeats = ["--repeats", "2" if args.quick else "3"]
     runs: list[tuple[str, list[str]]] = [
         ("system_overhead", ["--jobs", "10" if args.quick else "20", *repeats]),
         ("bulk_enqueue", repeats),
+        ("status_load", ["--seconds", "5" if args.quick else "10", *repeats]),
         (
             "cold_start",
             ["--repeats", "2", "--skip-fp16-worker", *(["--skip-prefetch"] if args.quick else [])],

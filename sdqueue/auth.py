@@ -12,10 +12,10 @@ from __future__ import annotations
 import hmac
 import logging
 import re
-from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +23,6 @@ PUBLIC_PATHS = frozenset({"/healthz"})
 """Load balancers and orchestrators probe these without credentials."""
 
 _TOKEN_IN_QUERY = re.compile(r"(access_token=)[^&\s]*")
-Handler = Callable[[Request], Awaitable[Response]]
 
 
 def authorized(request: Request, token: str) -> bool:
@@ -48,23 +47,37 @@ class RedactAccessToken(logging.Filter):
         return True
 
 
+class RequireToken:
+    """ASGI middleware: 401 for any request to a route but PUBLIC_PATHS without TOKEN.
+
+    Plain ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware runs each
+    request through a task group and memory streams, which cut status reads from ~2,000 to ~900
+    a second on one process (docs/benchmarks.md, section 6)."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.token = token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = scope["path"].removeprefix(scope.get("root_path", ""))
+            if path not in PUBLIC_PATHS and not authorized(Request(scope), self.token):
+                response = JSONResponse(
+                    {"detail": "a valid bearer token is required"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def protect(app: FastAPI, token: str) -> None:
     """Require TOKEN on every route of APP but PUBLIC_PATHS; an empty TOKEN leaves it open."""
     if not token:
         logger.warning("SDQ_API_TOKEN is not set: the API is open to anyone who can reach it")
         return
-
-    async def require_token(request: Request, call_next: Handler) -> Response:
-        path = request.scope["path"].removeprefix(request.scope.get("root_path", ""))
-        if path in PUBLIC_PATHS or authorized(request, token):
-            return await call_next(request)
-        return JSONResponse(
-            {"detail": "a valid bearer token is required"},
-            status_code=401,
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-
-    app.middleware("http")(require_token)
+    app.add_middleware(RequireToken, token=token)
     access_log = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, RedactAccessToken) for f in access_log.filters):
         access_log.addFilter(RedactAccessToken())

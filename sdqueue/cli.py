@@ -226,19 +226,29 @@ def worker(
 def api(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, "--port", help="Port to listen on."),
+    workers: int | None = typer.Option(
+        None, "--workers", min=1, max=64, help="Processes to serve from [default: SDQ_API_WORKERS]."
+    ),
 ) -> None:
     """Serve the HTTP API (needs the `api` extra: pip install 'sdqueue[api]')."""
     try:
         import uvicorn
 
-        from .api import create_app
+        from .api import serve_app
     except ImportError as exc:
         err.print(f"error: `sdq api` needs the api extra (pip install 'sdqueue[api]'): {exc}", markup=False)
         raise typer.Exit(1) from None
     try:
-        settings = _settings()
+        settings = _settings()  # a bad setting is reported here, once, not by each worker process
         _configure_logging(settings.log_level)
-        uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower())
+        uvicorn.run(
+            f"{serve_app.__module__}:{serve_app.__name__}",  # each worker process builds its app
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers or settings.api_workers,
+            log_level=settings.log_level.lower(),
+        )
     except SdqError as exc:
         _fail(exc)
 

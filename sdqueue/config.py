@@ -117,6 +117,10 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = None
     """Bearer token `sdq api` requires on every route but /healthz. Unset or empty: the API is
     open to anyone who can reach it, and logs so at start."""
+    api_workers: int = Field(default=2, ge=1, le=64)
+    """Processes `sdq api` serves from (uvicorn workers), one event loop each: one per core the API
+    may use. On 2 cores, 2 processes serve 1.5x the status reads of one, with p99 20 ms, not 31
+    (docs/benchmarks.md, section 6)."""
     webhook_secret: SecretStr | None = None
     """Key of the HMAC-SHA256 sent in X-Sdqueue-Signature. The API accepts a webhook_url only when
     it has one; workers need the same value to send webhooks."""

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,15 @@ import httpx
 import pytest
 from conftest import free_port, settings_env
 from fastapi.testclient import TestClient
+from rq.job import Job, JobStatus
+from rq.results import Result
+from rq.serializers import JSONSerializer
 
 from sdqueue.api import MAX_BATCH, MAX_BODY_BYTES, create_app
 from sdqueue.auth import RedactAccessToken
 from sdqueue.config import Settings
 from sdqueue.idempotency import IdempotencyStore, fingerprint
-from sdqueue.jobs import IDEMPOTENCY_KEY, Status
+from sdqueue.jobs import IDEMPOTENCY_KEY, GenerationRequest, Status
 from sdqueue.producer import Producer
 from sdqueue.worker import run_worker
 
@@ -259,6 +263,22 @@ def test_unknown_jobs_are_404(client: TestClient) -> None:
     assert client.delete("/jobs/nope").status_code == 404
 
 
+def test_a_failure_without_a_reason_in_meta_reads_rq_s_record_of_it(
+    client: TestClient, settings: Settings
+) -> None:
+    """A crash or a timeout leaves no error in the job's meta: the fast status read falls back to
+    the last line of the failure rq recorded."""
+    producer = Producer(settings)
+    view = producer.enqueue(GenerationRequest(prompt="a crash", seed=1))
+    job = Job.fetch(view.id, connection=producer.redis, serializer=JSONSerializer)
+    Result.create_failure(
+        job, ttl=60, exc_string="Traceback (most recent call last):\nJobTimeoutException: 3 s"
+    )
+    job.set_status(JobStatus.FAILED)
+    body = client.get(f"/jobs/{view.id}").json()
+    assert body["status"] == "failed" and body["error"] == "JobTimeoutException: 3 s"
+
+
 def test_delete_cancels_a_queued_job_once(client: TestClient, settings: Settings, tiny_engine: Any) -> None:
     job_id = submit(client).json()["id"]
     response = client.delete(f"/jobs/{job_id}")
@@ -374,13 +394,11 @@ def test_the_access_log_never_shows_a_token() -> None:
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture
-def api_server(s3_settings: Settings, tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """`sdq api` in its own process with a token and S3 storage; yields its URL and log file."""
+@contextmanager
+def sdq_api(env: dict[str, str], log: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`sdq api` in its own process, once /healthz answers; yields its URL and the process."""
     port = free_port()
-    log = tmp_path / "api.log"
-    env = settings_env(s3_settings) | {"SDQ_API_TOKEN": TOKEN}
-    command = [sys.executable, "-m", "sdqueue", "api", "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "sdqueue", "api", "--host", "127.0.0.1", "--port", str(port), *args]
     with log.open("w") as sink:
         server = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
@@ -393,9 +411,45 @@ def api_server(s3_settings: Settings, tmp_path: Path) -> Iterator[tuple[str, Pat
                 pass
             assert server.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
+        try:
+            yield url, server
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+@pytest.fixture
+def api_server(s3_settings: Settings, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """`sdq api` in its own process with a token and S3 storage; yields its URL and log file."""
+    log = tmp_path / "api.log"
+    with sdq_api(settings_env(s3_settings) | {"SDQ_API_TOKEN": TOKEN}, log) as (url, _):
         yield url, log
-        server.terminate()
-        server.wait(timeout=30)
+
+
+def spawned_children(pid: int) -> list[int]:
+    """The multiprocessing-spawned children of PID (uvicorn's worker processes)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and b"spawn_main" in cmdline:
+            children.append(int(entry.name))
+    return children
+
+
+def test_sdq_api_serves_from_as_many_processes_as_sdq_api_workers(settings: Settings, tmp_path: Path) -> None:
+    view = Producer(settings).enqueue(GenerationRequest(prompt="read me", seed=3))
+    env = settings_env(settings) | {"SDQ_API_WORKERS": "2"}
+    with sdq_api(env, tmp_path / "api.log") as (url, server):
+        assert len(spawned_children(server.pid)) == 2
+        for _ in range(20):  # a new connection each, so both processes answer some
+            body = httpx.get(f"{url}/jobs/{view.id}").json()
+            assert body["id"] == view.id and body["status"] == "queued"
+        workers = spawned_children(server.pid)
+    assert server.returncode == 0 and not any(Path(f"/proc/{pid}").exists() for pid in workers)
 
 
 def browse(url: str, profile: Path) -> str:
