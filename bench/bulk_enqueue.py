@@ -1,6 +1,6 @@
 """Bulk enqueue: Producer.enqueue_many vs a loop of single Producer.enqueue, and the CLI.
 
-    in-process: enqueue_many(10,000 requests), one pipelined round trip, vs enqueue() per request
+    in-process: enqueue_many(10,000 requests), one MULTI/EXEC round trip, vs enqueue() per request
                 (2,000 by default: the loop is the slow baseline); jobs/s of both, same Redis;
                 and vs rq's own Queue.enqueue_many for the same jobs in one pipeline (what
                 Producer.enqueue_many did before it stamped the hashes itself, sdqueue/rqhash.py)
