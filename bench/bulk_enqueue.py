@@ -25,12 +25,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/x.py` finds sdqueue/bench
 
 import redis
-from rq import Queue
 
 from bench.common import Report, measure, measure_pair, redis_server
 from sdqueue.config import Settings
 from sdqueue.jobs import RENDER_FUNC, GenerationRequest
 from sdqueue.producer import Producer
+from sdqueue.rqhash import write_jobs_with_rq
 
 GOAL_JOBS_PER_S = 5000
 
@@ -71,23 +71,9 @@ def main() -> None:
 
         def rq_bulk() -> None:
             client.flushdb()
-            shared = producer._shared_options()
-            datas = []
-            for request in bulk_requests:
-                job = producer._new_job(request, None, None)
-                datas.append(
-                    Queue.prepare_data(
-                        RENDER_FUNC,
-                        args=job.args,
-                        job_id=job.id,
-                        timeout=job.timeout,
-                        description=job.description,
-                        meta=job.meta,
-                        **shared,
-                    )
-                )
+            jobs = [producer._new_job(request, None, None) for request in bulk_requests]
             with client.pipeline() as pipe:
-                producer.queue.enqueue_many(datas, pipeline=pipe)
+                write_jobs_with_rq(pipe, producer.queue, RENDER_FUNC, jobs, **producer._shared_options())
                 pipe.execute()
 
         def single() -> None:

@@ -58,20 +58,8 @@ def test_stamped_hashes_are_the_ones_rq_writes_for_the_same_jobs(redis_url: str,
     reference = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/1")
     reference.flushdb()
     queue = Queue("q", connection=reference, serializer=JSONSerializer)
-    datas = [
-        Queue.prepare_data(
-            RENDER_FUNC,
-            args=job.args,
-            job_id=job.id,
-            timeout=job.timeout,
-            description=job.description,
-            meta=job.meta,
-            **shared,
-        )
-        for job in new_jobs()
-    ]
     with reference.pipeline() as pipe:
-        queue.enqueue_many(datas, pipeline=pipe)
+        rqhash.write_jobs_with_rq(pipe, queue, RENDER_FUNC, new_jobs(), **shared)
         pipe.execute()
 
     for job in new_jobs():
