@@ -124,13 +124,18 @@ class JobRecord:
         """The record of a Job rq has already loaded or just enqueued."""
         return cls(
             id=job.id,
-            status=str(getattr(job.get_status(refresh=False), "value", "") or "queued"),
+            status=_status_name(job.get_status(refresh=False)),
             meta=job.meta or {},
             args=_args_of(job),
             created_at=_utc(job.created_at),
             started_at=_utc(job.started_at),
             ended_at=_utc(job.ended_at),
         )
+
+
+def _status_name(status: object) -> str:
+    """rq's status as its plain name, whether rq holds it as a JobStatus or a string."""
+    return str(getattr(status, "value", status) or "queued")
 
 
 def read_record(job_id: str, values: Sequence[bytes | str | None]) -> JobRecord | None:

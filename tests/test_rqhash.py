@@ -143,3 +143,14 @@ def test_no_jobs_write_nothing_and_an_empty_description_is_refused(
     with producer.redis.pipeline() as pipe, pytest.raises(ValueError, match="needs a description"):
         rqhash.write_jobs(pipe, producer.queue, RENDER_FUNC, [rqhash.NewJob("j", (), 60, "", {})])
     assert producer.redis.dbsize() == 0
+
+
+@pytest.mark.parametrize("status", [JobStatus.FINISHED, "finished"])
+def test_a_record_of_a_job_takes_its_status_as_enum_or_string(
+    make_settings: Callable[..., Settings], status: JobStatus | str
+) -> None:
+    producer = Producer(make_settings())
+    view = producer.enqueue(GenerationRequest(prompt="a fox"))
+    job = Job.fetch(view.id, connection=producer.redis, serializer=JSONSerializer)
+    job.set_status(status)  # type: ignore[arg-type]  # rq keeps whichever it is given
+    assert rqhash.JobRecord.of(job).status == "finished"
