@@ -126,14 +126,20 @@ class StatusRecorder(threading.Thread):
 
     def run(self) -> None:
         while not self._halt.wait(0.05):
-            with contextlib.suppress(Exception):
-                status = self.producer.status(self.job_id).status.value
-                if not self.seen or self.seen[-1] != status:
-                    self.seen.append(status)
+            self._poll()
+
+    def _poll(self) -> None:
+        with contextlib.suppress(Exception):
+            status = self.producer.status(self.job_id).status.value
+            if not self.seen or self.seen[-1] != status:
+                self.seen.append(status)
 
     def stop(self) -> list[str]:
+        """The statuses seen, the last one read after polling stopped: a job that ended just
+        before stop() is seen ending, however the 50 ms polls fell."""
         self._halt.set()
         self.join(timeout=5)
+        self._poll()
         return self.seen
 
 

@@ -71,8 +71,8 @@ def test_sigkilled_worker_job_is_rendered_again_by_another(
     assert open_store(settings).exists(view.images[0].key)
     # lease (4 s) + housekeeping (1 s) + the second worker's start-up; defaults give 20 s + 5 s
     assert takeover_s < 60
-    assert seen[-1] == "finished" and seen.count("finished") == 1
-    assert set(seen) <= {"queued", "started", "finished"}
+    assert seen[-1] == "finished" and seen.count("finished") == 1, seen
+    assert set(seen) <= {"queued", "started", "finished"}, seen
 
 
 def test_sigterm_finishes_a_job_that_fits_in_the_grace(
