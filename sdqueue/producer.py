@@ -59,17 +59,25 @@ def connect(settings: Settings, *, socket_timeout_s: float | None = 10.0) -> red
     )
 
 
-def connect_async(settings: Settings) -> redis.asyncio.Redis:
+ASYNC_MAX_CONNECTIONS = 64
+"""Redis connections one API process may open for status reads. Reads beyond that wait for a free
+one (up to 5 s, then a 503), so a flood of polling clients can't use up Redis's maxclients."""
+
+
+def connect_async(settings: Settings, max_connections: int = ASYNC_MAX_CONNECTIONS) -> redis.asyncio.Redis:
     """connect()'s asyncio twin, for the API's status reads; use it from the event loop it serves."""
     import redis.asyncio
 
-    return redis.asyncio.Redis.from_url(
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
         settings.redis_url,
+        max_connections=max_connections,
+        timeout=5,
         socket_connect_timeout=5,
         socket_timeout=10.0,
         health_check_interval=30,
         retry_on_timeout=True,
     )
+    return redis.asyncio.Redis.from_pool(pool)
 
 
 @contextmanager

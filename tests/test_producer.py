@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from sdqueue import rqhash
 from sdqueue.config import Settings
 from sdqueue.errors import InvalidRequest, JobConflict, JobNotFound, ServiceUnavailable
 from sdqueue.jobs import GenerationRequest, Status
-from sdqueue.producer import Producer, redact
+from sdqueue.producer import Producer, connect_async, found, redact, status_key
 from sdqueue.worker import run_worker
 
 
@@ -93,3 +95,27 @@ def test_unreachable_redis_is_service_unavailable_with_redacted_url() -> None:
         Producer(settings).enqueue(small())
     assert "127.0.0.1:1" in str(caught.value) and "hunter2" not in str(caught.value)
     assert redact("rediss://user:pw@host:6380/1") == "rediss://user:***@host:6380/1"
+
+
+def test_the_api_s_async_pool_holds_at_most_its_cap_of_connections(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """200 status reads at once through a pool capped at 4: all answered, on at most 4 connections."""
+    settings = make_settings()
+    producer = Producer(settings)
+    job = producer.enqueue(small())
+    before = producer.redis.info("clients")["connected_clients"]
+
+    async def read_many() -> tuple[list[str], int]:
+        client = connect_async(settings, max_connections=4)
+        try:
+            key = status_key(job.id)
+            results = await asyncio.gather(*(client.hmget(key, rqhash.RECORD_FIELDS) for _ in range(200)))
+            opened = producer.redis.info("clients")["connected_clients"] - before
+            return [found(job.id, values).status for values in results], opened
+        finally:
+            await client.aclose()
+
+    statuses, opened = asyncio.run(read_many())
+    assert statuses == ["queued"] * 200
+    assert 1 <= opened <= 4

@@ -3,6 +3,7 @@ processes (redis-server, moto's S3 server behind a cuttable TCP proxy, `sdq work
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -13,9 +14,10 @@ import redis
 from conftest import RedisProcess, free_port
 from faults import StatusRecorder, TcpProxy, WorkerProcess, wait_until
 
+from sdqueue import rqhash
 from sdqueue.config import Settings
 from sdqueue.jobs import GenerationRequest, Status
-from sdqueue.producer import Producer
+from sdqueue.producer import Producer, connect_async, found, status_key
 from sdqueue.storage import open_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -219,8 +221,22 @@ def test_password_protected_redis(
         worker = workers(settings, "--burst")
         assert worker.wait(120) == 0, worker.text()
         assert producer.status(job.id).status is Status.FINISHED
+        assert read_async(settings, job.id) == "finished"  # the API's status reads, too
     finally:
         server.stop()
+
+
+def read_async(settings: Settings, job_id: str) -> str:
+    """The job's status as the API reads it: connect_async's pool, one HMGET."""
+
+    async def read() -> str:
+        client = connect_async(settings)
+        try:
+            return found(job_id, await client.hmget(status_key(job_id), rqhash.RECORD_FIELDS)).status
+        finally:
+            await client.aclose()
+
+    return asyncio.run(read())
 
 
 def _tls_files(directory: Path) -> tuple[Path, Path]:
@@ -288,6 +304,7 @@ def test_tls_redis(
         worker = workers(settings, "--burst")
         assert worker.wait(120) == 0, worker.text()
         assert producer.status(job.id).status is Status.FINISHED
+        assert read_async(settings, job.id) == "finished"  # the API's status reads, over TLS too
         with pytest.raises(redis.ConnectionError):  # plain text is refused on the TLS port
             redis.Redis(port=port, socket_connect_timeout=2, socket_timeout=2).ping()
     finally:
