@@ -48,15 +48,19 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def _client_options(socket_timeout_s: float | None) -> dict[str, Any]:
+    """How every sdqueue Redis client connects, sync or async."""
+    return {
+        "socket_connect_timeout": 5,
+        "socket_timeout": socket_timeout_s,
+        "health_check_interval": 30,
+        "retry_on_timeout": True,
+    }
+
+
 def connect(settings: Settings, *, socket_timeout_s: float | None = 10.0) -> redis.Redis:
     """A Redis client for SDQ_REDIS_URL (rediss:// means TLS). Connects lazily."""
-    return redis.Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=5,
-        socket_timeout=socket_timeout_s,
-        health_check_interval=30,
-        retry_on_timeout=True,
-    )
+    return redis.Redis.from_url(settings.redis_url, **_client_options(socket_timeout_s))
 
 
 ASYNC_MAX_CONNECTIONS = 64
@@ -69,13 +73,7 @@ def connect_async(settings: Settings, max_connections: int = ASYNC_MAX_CONNECTIO
     import redis.asyncio
 
     pool = redis.asyncio.BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=max_connections,
-        timeout=5,
-        socket_connect_timeout=5,
-        socket_timeout=10.0,
-        health_check_interval=30,
-        retry_on_timeout=True,
+        settings.redis_url, max_connections=max_connections, timeout=5, **_client_options(10.0)
     )
     return redis.asyncio.Redis.from_pool(pool)
 
@@ -148,9 +146,8 @@ class Producer:
     def enqueue_many(
         self, requests: Sequence[GenerationRequest], webhook_urls: Sequence[str | None] | None = None
     ) -> list[str]:
-        """Queue many requests in one MULTI/EXEC round trip (no worker sees half a batch); returns their
-        ids in order.
-        WEBHOOK_URLS, when given, holds one URL (or None) per request."""
+        """Queue many requests in one MULTI/EXEC round trip (no worker sees half a batch); returns
+        their ids in order. WEBHOOK_URLS, when given, holds one URL (or None) per request."""
         urls = list(webhook_urls) if webhook_urls is not None else [None] * len(requests)
         if len(urls) != len(requests):
             raise ValueError(f"{len(urls)} webhook URLs for {len(requests)} requests")

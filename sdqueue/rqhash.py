@@ -5,7 +5,7 @@ more than the Redis work itself:
 
 - **bulk enqueue** (``Producer.enqueue_many``: ``sdq enqueue --file``, ``POST /jobs/batch``):
   ``write_jobs`` lets rq build and serialize the first job, then stamps the others from its hash,
-  changing only the fields that differ per job (``PER_JOB_FIELDS``). Each job is one HSET and the
+  changing only the fields that differ per job (``_per_job_fields``). Each job is one HSET and the
   whole batch one RPUSH, in one MULTI/EXEC, where rq sends three commands per job.
 - **status reads** (``GET /jobs/{id}``, ``sdq status``): ``read_record`` turns one HMGET of
   ``RECORD_FIELDS`` into a ``JobRecord``, dates parsed with ``fromisoformat`` instead of rq's
@@ -30,9 +30,6 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-PER_JOB_FIELDS = frozenset({"data", "description", "meta", "timeout"})
-"""What ``write_jobs`` writes for each job; every other field is the first job's, as rq built it."""
-
 RECORD_FIELDS = ("status", "meta", "data", "created_at", "started_at", "ended_at")
 """The fields of a job's hash that a status read needs, in ``read_record``'s order."""
 
@@ -46,6 +43,16 @@ class NewJob(NamedTuple):
     description: str
     meta: dict[str, Any]
 
+    def rq_options(self) -> dict[str, Any]:
+        """These fields as the keyword arguments of rq's ``Queue.create_job``/``prepare_data``."""
+        return {
+            "args": self.args,
+            "job_id": self.id,
+            "timeout": self.timeout,
+            "description": self.description,
+            "meta": self.meta,
+        }
+
 
 def write_jobs(pipe: Pipeline, queue: Queue, func: str, jobs: Sequence[NewJob], **shared: Any) -> None:
     """Queue JOBS, in order, on PIPE (a MULTI/EXEC pipeline the caller executes). SHARED holds the
@@ -54,17 +61,7 @@ def write_jobs(pipe: Pipeline, queue: Queue, func: str, jobs: Sequence[NewJob], 
         return
     if any(not job.description for job in jobs):
         raise ValueError("every job needs a description: rq would write one of its own for an empty one")
-    first = jobs[0]
-    template = queue.create_job(
-        func,
-        args=first.args,
-        job_id=first.id,
-        timeout=first.timeout,
-        description=first.description,
-        meta=first.meta,
-        status=JobStatus.QUEUED,
-        **shared,
-    )
+    template = queue.create_job(func, status=JobStatus.QUEUED, **jobs[0].rq_options(), **shared)
     template.origin = queue.name  # what Queue._prepare_for_queue adds before rq saves a job
     template.enqueued_at = template.created_at
     base = template.to_dict()
@@ -82,23 +79,13 @@ def write_jobs_with_rq(
 ) -> None:
     """What write_jobs does, the way rq does it (a Job per job, three commands each): the reference
     tests/test_rqhash.py holds write_jobs to, and the baseline bench/bulk_enqueue.py measures."""
-    datas = [
-        Queue.prepare_data(
-            func,
-            args=job.args,
-            job_id=job.id,
-            timeout=job.timeout,
-            description=job.description,
-            meta=job.meta,
-            **shared,
-        )
-        for job in jobs
-    ]
+    datas = [Queue.prepare_data(func, **job.rq_options(), **shared) for job in jobs]
     queue.enqueue_many(datas, pipeline=pipe)
 
 
 def _per_job_fields(func: str, job: NewJob) -> dict[str, Any]:
-    # Job.data is the serialized (func_name, instance, args, kwargs), zlib-compressed by to_dict.
+    # What differs per job; every other field is the first job's, as rq built it. Job.data is the
+    # serialized (func_name, instance, args, kwargs), zlib-compressed by to_dict.
     return {
         "data": zlib.compress(JSONSerializer.dumps((func, None, job.args, {}))),
         "description": job.description,
@@ -160,7 +147,7 @@ def _decode_args(data: bytes) -> Sequence[Any]:
     """The job's args, or none when its data can't be read (a foreign or corrupt job)."""
     try:
         decoded = _loads(zlib.decompress(data))
-    except (zlib.error, ValueError):
+    except zlib.error:
         return ()
     if isinstance(decoded, list) and len(decoded) == 4 and isinstance(decoded[2], list):
         return decoded[2]

@@ -215,15 +215,22 @@ def test_password_protected_redis(
     try:
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(port=server.port).ping()
-        settings = make_settings(redis_url=f"redis://:s3cret-pw@127.0.0.1:{server.port}/0")
-        producer = Producer(settings)
-        job = producer.enqueue(GenerationRequest(**SHORT))
-        worker = workers(settings, "--burst")
-        assert worker.wait(120) == 0, worker.text()
-        assert producer.status(job.id).status is Status.FINISHED
-        assert read_async(settings, job.id) == "finished"  # the API's status reads, too
+        renders_and_reads_back(
+            make_settings(redis_url=f"redis://:s3cret-pw@127.0.0.1:{server.port}/0"), workers
+        )
     finally:
         server.stop()
+
+
+def renders_and_reads_back(settings: Settings, workers: Callable[..., WorkerProcess]) -> None:
+    """A job goes through a burst worker on SETTINGS' Redis, and both status reads see it finish:
+    the CLI's (sync) and the API's (connect_async's pool)."""
+    producer = Producer(settings)
+    job = producer.enqueue(GenerationRequest(**SHORT))
+    worker = workers(settings, "--burst")
+    assert worker.wait(120) == 0, worker.text()
+    assert producer.status(job.id).status is Status.FINISHED
+    assert read_async(settings, job.id) == "finished"
 
 
 def read_async(settings: Settings, job_id: str) -> str:
@@ -298,13 +305,9 @@ def test_tls_redis(
     except RuntimeError as exc:
         pytest.skip(f"this redis-server has no TLS support: {exc}")
     try:
-        settings = make_settings(redis_url=f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}")
-        producer = Producer(settings)
-        job = producer.enqueue(GenerationRequest(**SHORT))
-        worker = workers(settings, "--burst")
-        assert worker.wait(120) == 0, worker.text()
-        assert producer.status(job.id).status is Status.FINISHED
-        assert read_async(settings, job.id) == "finished"  # the API's status reads, over TLS too
+        renders_and_reads_back(
+            make_settings(redis_url=f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}"), workers
+        )
         with pytest.raises(redis.ConnectionError):  # plain text is refused on the TLS port
             redis.Redis(port=port, socket_connect_timeout=2, socket_timeout=2).ping()
     finally:
